@@ -39,15 +39,18 @@ from pathlib import Path
 
 def field_comments(cls) -> dict[str, str]:
     """The `# comment` written after each field in the dataclass source, used as --help text."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
     comments = {}
-    for line in source.splitlines():
-        match = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
-        if match:
-            comments[match.group(1)] = match.group(2).strip()
+    for klass in reversed(cls.__mro__):  # a subclass's comment wins over its parent's
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for line in source.splitlines():
+            match = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+            if match:
+                comments[match.group(1)] = match.group(2).strip()
     return comments
 
 
