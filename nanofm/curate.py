@@ -367,14 +367,15 @@ def plot_report(report: dict, path) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     lengths = report["_lengths"]
-    bins = np.linspace(0, 7, 50)
+    top = max(1.0, np.log10(max(1, *lengths["input"], *lengths["output"])))
+    bins = np.linspace(0, np.ceil(top), 50)
     for name, values in lengths.items():
         axes[0, 0].hist(np.log10(np.maximum(1, values)), bins=bins, alpha=0.6, label=f"{name} ({len(values):,} docs)")
     axes[0, 0].set(title="document length", xlabel="log10(characters)", ylabel="documents")
     axes[0, 0].legend()
 
     steps = report["steps"]
-    removed = [s["docs_in"] - s["docs_out"] for s in steps]
+    removed = [sum(s["removed"].values()) for s in steps]  # (mixing may also add repeats)
     axes[0, 1].bar([s["step"] for s in steps], removed, color="tab:red")
     axes[0, 1].set(title="documents removed per step", ylabel="documents")
     axes[0, 1].tick_params(axis="x", rotation=30)

@@ -1,0 +1,193 @@
+"""Token shards on disk and the loader that feeds pretraining batches from them.
+
+Shard format (little-endian): a 32-byte header, then the tokens.
+
+    offset  size  field
+    0       8     magic  b"NANOFMTK"
+    8       4     format version (1)
+    12      4     bytes per token: 2 (uint16, vocabularies up to 65536) or 4 (uint32)
+    16      8     number of tokens
+    24      8     number of documents
+    32      ...   tokens; every document starts with the tokenizer's bos token
+
+Design decisions:
+- The split (train/val) is decided by a stable hash of a document's root id, so repeats made
+  by domain mixing (nanofm/curate.py) never land on both sides, and the tokenizer is trained
+  on the train side only.
+- Documents are shuffled once (seeded) before sharding, so a sequential read mixes domains.
+- Shards are written under a temporary name and renamed when complete.
+- The loader reads sequentially: every step, rank r of W takes rows r*B .. r*B+B-1 of the next
+  W*B rows of T+1 tokens. Its whole state is (shard, position, epoch), the same on every rank,
+  so it goes into checkpoints and a resumed run continues exactly where it stopped.
+- Every shard is checked when opened: wrong magic, unknown version or dtype, or fewer bytes than
+  the header promises are errors that name the file.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"NANOFMTK"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQQ")  # magic, version, bytes per token, tokens, documents
+assert HEADER.size == 32
+
+
+class ShardError(ValueError):
+    pass
+
+
+def split_of(doc: dict, val_fraction: float, seed: int = 0) -> str:
+    """'train' or 'val' for a document, from a stable hash of its root id."""
+    from nanofm.sources import stable_hash
+
+    root = doc.get("meta", {}).get("root_id", doc["id"])
+    return "val" if (stable_hash(f"{seed}:{root}") % 1_000_000) < val_fraction * 1_000_000 else "train"
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def write_shard(path: str | Path, tokens: np.ndarray, n_docs: int) -> None:
+    """Write one shard atomically."""
+    path = Path(path)
+    if tokens.dtype not in (np.uint16, np.uint32):
+        raise ShardError(f"tokens must be uint16 or uint32, got {tokens.dtype}")
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(HEADER.pack(MAGIC, VERSION, tokens.dtype.itemsize, len(tokens), n_docs))
+        handle.write(tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tobytes())
+    os.replace(tmp, path)
+
+
+def read_header(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"token shard {path} does not exist")
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        raw = handle.read(HEADER.size)
+    if len(raw) < HEADER.size:
+        raise ShardError(f"{path} is not a nanofm token shard: {size} bytes is shorter than the 32-byte header")
+    magic, version, itemsize, n_tokens, n_docs = HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise ShardError(f"{path} is not a nanofm token shard (magic {magic!r}, expected {MAGIC!r})")
+    if version != VERSION:
+        raise ShardError(f"{path} has shard format version {version}; this nanofm reads version {VERSION}")
+    if itemsize not in (2, 4):
+        raise ShardError(f"{path} has a bad header: {itemsize} bytes per token (expected 2 or 4)")
+    expected = HEADER.size + n_tokens * itemsize
+    if size != expected:
+        raise ShardError(f"{path} is truncated or corrupt: the header promises {n_tokens} tokens "
+                         f"({expected} bytes) but the file has {size} bytes; re-run data/prepare.py --force")
+    return {"tokens": n_tokens, "docs": n_docs, "dtype": np.dtype(np.uint16 if itemsize == 2 else np.uint32)}
+
+
+def open_shard(path: str | Path) -> np.ndarray:
+    """The tokens of a shard as a read-only memmap (checked header)."""
+    header = read_header(path)
+    return np.memmap(path, dtype=header["dtype"].newbyteorder("<"), mode="r", offset=HEADER.size,
+                     shape=(header["tokens"],))
+
+
+def shard_paths(data_dir: str | Path, split: str) -> list[Path]:
+    paths = sorted(Path(data_dir).glob(f"{split}_*.bin"))
+    if not paths:
+        raise ShardError(f"no {split} shards ({split}_*.bin) in {data_dir}; run data/prepare.py first")
+    return paths
+
+
+def write_shards(token_lists, out_dir: str | Path, prefix: str, vocab_size: int,
+                 shard_tokens: int = 100_000_000) -> list[dict]:
+    """Concatenate documents (each already starting with bos) into shards of at most
+    `shard_tokens` tokens (a document never spans two shards unless it alone is bigger)."""
+    dtype = dtype_for_vocab(vocab_size)
+    out_dir, written, buffer, n_buffered, docs = Path(out_dir), [], [], 0, 0
+
+    def flush():
+        nonlocal buffer, n_buffered, docs
+        path = out_dir / f"{prefix}_{len(written):06d}.bin"
+        tokens = np.concatenate(buffer).astype(dtype) if buffer else np.zeros(0, dtype)
+        write_shard(path, tokens, docs)
+        written.append({"path": path.name, "tokens": int(len(tokens)), "docs": docs})
+        buffer, n_buffered, docs = [], 0, 0
+
+    for ids in token_lists:
+        array = np.asarray(ids, dtype=np.int64)
+        if len(array) and array.max() >= vocab_size:
+            raise ShardError(f"token id {array.max()} is outside the vocabulary of {vocab_size}")
+        if n_buffered and n_buffered + len(array) > shard_tokens:
+            flush()
+        buffer.append(array)
+        n_buffered += len(array)
+        docs += 1
+    if buffer or not written:
+        flush()
+    return written
+
+
+def shuffled(docs: list, seed: int) -> list:
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    return [docs[i] for i in order]
+
+
+class TokenLoader:
+    """Causal-LM batches (x, y) of shape [B, T] from token shards; distributed-aware and resumable.
+
+        loader = TokenLoader("data/default", "train", batch_size=8, seq_len=256, rank=0, world_size=1)
+        x, y = loader.next_batch()           # y is x shifted left by one token
+        state = loader.state_dict()          # into the checkpoint
+        loader.load_state_dict(state)        # exact resume
+    """
+
+    def __init__(self, data_dir: str | Path, split: str, batch_size: int, seq_len: int,
+                 rank: int = 0, world_size: int = 1, device: str = "cpu"):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.paths = shard_paths(data_dir, split)
+        self.shards = [open_shard(p) for p in self.paths]
+        self.batch_size, self.seq_len, self.rank, self.world_size, self.device = batch_size, seq_len, rank, world_size, device
+        self.step_tokens = world_size * batch_size * seq_len + 1  # one step of all ranks, + the last target
+        usable = [len(s) for s in self.shards if len(s) >= self.step_tokens]
+        if not usable:
+            biggest = max(len(s) for s in self.shards)
+            raise ShardError(f"the {split} shards in {data_dir} are too small for one step: the largest has {biggest} "
+                             f"tokens, a step needs {self.step_tokens} (world_size x batch_size x seq_len + 1); "
+                             f"use a smaller batch_size or seq_len, or more data")
+        self.shard, self.position, self.epoch = 0, 0, 0
+
+    def state_dict(self) -> dict:
+        return {"shard": self.shard, "position": self.position, "epoch": self.epoch,
+                "files": [p.name for p in self.paths], "batch_size": self.batch_size, "seq_len": self.seq_len,
+                "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("files") and state["files"] != [p.name for p in self.paths]:
+            raise ShardError(f"the loader state was saved for shards {state['files'][:3]}..., but the data "
+                             f"directory holds {[p.name for p in self.paths][:3]}...; resume on the same data")
+        self.shard, self.position, self.epoch = int(state["shard"]), int(state["position"]), int(state["epoch"])
+
+    def next_batch(self):
+        import torch
+
+        while self.position + self.step_tokens > len(self.shards[self.shard]):
+            self.shard, self.position = self.shard + 1, 0  # the tail of a shard is skipped
+            if self.shard == len(self.shards):
+                self.shard, self.epoch = 0, self.epoch + 1
+        rows = self.batch_size * self.seq_len
+        start = self.position + self.rank * rows
+        chunk = np.asarray(self.shards[self.shard][start:start + rows + 1], dtype=np.int64)
+        self.position += self.world_size * rows
+        buffer = torch.from_numpy(chunk)
+        x = buffer[:-1].view(self.batch_size, self.seq_len)
+        y = buffer[1:].view(self.batch_size, self.seq_len)
+        if self.device != "cpu":
+            x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x, y
