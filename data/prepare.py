@@ -82,13 +82,18 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def manifest_name(cfg: PrepareConfig) -> str:
+    # ranks of a sharded run may share one directory: each keeps its own record
+    return f"prepare-{cfg.rank:05d}-of-{cfg.world_size:05d}.json" if cfg.world_size > 1 else MANIFEST
+
+
 def load_manifest(out: Path, cfg: PrepareConfig) -> dict:
     """The record of finished steps; refuse a directory we did not make or made with other settings."""
-    path = out / MANIFEST
+    path = out / manifest_name(cfg)
     if out.exists() and not out.is_dir():
         raise PrepareError(f"--out {out} exists and is not a directory")
     if not path.exists():
-        if out.exists() and any(out.iterdir()):
+        if out.exists() and any(out.iterdir()) and not any(out.glob("prepare*.json")):
             raise PrepareError(f"--out {out} already holds files that data/prepare.py did not make; "
                                f"choose a new or empty directory (user files are never overwritten)")
         return {"settings": {}, "steps": {}}
@@ -118,7 +123,7 @@ def finish_step(manifest: dict, step: str, out: Path, cfg: PrepareConfig, output
     manifest["steps"][step] = {"outputs": {n: (out / n).stat().st_size for n in outputs}, **info}
     for later in list(STEP_SETTINGS)[list(STEP_SETTINGS).index(step) + 1:]:
         manifest["steps"].pop(later, None)  # everything after a rebuilt step is stale
-    write_atomic(out / MANIFEST, json.dumps(manifest, indent=1))
+    write_atomic(out / manifest_name(cfg), json.dumps(manifest, indent=1))
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -107,9 +107,10 @@ class CurateConfig:
             try:
                 weights[domain] = float(weight)
             except ValueError:
-                raise ValueError(f"--mix must look like 'prose:1,code:0.5', got {item!r}") from None
+                weights[domain] = -1.0
             if not sep or weights[domain] < 0:
-                raise ValueError(f"--mix weights must be domain:weight with weight >= 0, got {item!r}")
+                raise ValueError(f"--mix must be domain:weight pairs with weights >= 0, like "
+                                 f"'prose:1,code:0.5'; got {item!r}")
         return weights
 
 

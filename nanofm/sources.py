@@ -222,7 +222,7 @@ def iter_jsonl(path: Path, stats: dict) -> Iterator[dict]:
             extra = {k: v for k, v in record.items() if k not in ("text", "id", "domain", "source", "meta")}
             meta = {**(record.get("meta") if isinstance(record.get("meta"), dict) else {}), **extra}
             yield make_doc(str(record.get("id", f"{path.name}:{number}")), str(record.get("source", path.name)),
-                           str(record.get("domain", "prose")), text, path=str(path), **meta)
+                           str(record.get("domain", "prose")), text, **{"path": str(path), **meta})
     stats["jsonl_bad_lines"] = stats.get("jsonl_bad_lines", 0) + bad
     if bad and not good:
         raise SourceError(f"{path}: none of its {bad} lines is a JSON object with a string 'text' field")

@@ -41,6 +41,7 @@ from typing import Iterable
 
 import regex
 import tiktoken
+import tiktoken.load
 from tqdm import tqdm
 
 # GPT-4's pre-tokenisation regex (cl100k): contractions, words with a leading non-letter,
