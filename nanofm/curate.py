@@ -124,13 +124,18 @@ def _init_worker(cfg: CurateConfig, langid: bool) -> None:
     _WORKER["hasher"] = MinHasher(cfg.minhash_perm, cfg.minhash_bands, cfg.minhash_ngram, cfg.seed)
 
 
-def _size(doc: dict) -> int:
-    return len(doc["text"]) if doc.get("text") is not None else len(doc.get("raw") or b"")
+def _size(doc: dict) -> tuple[int, int]:
+    """(characters, words) of a document; bytes and byte-words before it is decoded. Words are
+    the report's token count per step: BPE tokens exist only once the tokenizer is trained."""
+    if doc.get("text") is not None:
+        return len(doc["text"]), len(doc["text"].split())
+    raw = doc.get("raw") or b""
+    return len(raw), len(raw.split())
 
 
 def process_doc(doc: dict, cfg: CurateConfig, hasher: MinHasher | None, timings: Counter) -> tuple:
-    """Run the per-document steps. Returns (doc or None, trace), trace = [(step, size_in, size_out)]
-    with size_out None where the doc was removed, and the removal reason last."""
+    """Run the per-document steps. Returns (doc or None, trace), trace = [(step, size_in, size_out,
+    reason)] with sizes as (chars, words), size_out None where the doc was removed."""
     trace = []
     for name, step in filters.PER_DOC_STEPS:
         if name == "language" and not _WORKER["langid"]:
@@ -163,24 +168,26 @@ def _process_chunk(chunk: list[dict]) -> tuple[list, Counter]:
 # ------------------------------------------------------------------ bookkeeping
 
 class Tally:
-    """Documents and characters in/out per step and per domain, removals per reason."""
+    """Documents, characters and words in/out per step and per domain; removals per reason."""
 
     def __init__(self, examples_per_reason: int):
         self.steps: dict[str, dict] = {}
         self.examples: dict[str, list] = defaultdict(list)
         self.examples_per_reason = examples_per_reason
 
-    def record(self, step: str, domain: str, size_in: int, size_out: int | None, reason: str | None,
+    def record(self, step: str, domain: str, size_in: tuple, size_out: tuple | None, reason: str | None,
                doc_id: str = "", excerpt: str = "", docs_out: int = 1) -> None:
-        entry = self.steps.setdefault(step, {"docs_in": 0, "docs_out": 0, "chars_in": 0, "chars_out": 0,
-                                             "removed": Counter(), "per_domain": {}})
-        per = entry["per_domain"].setdefault(domain, {"docs_in": 0, "docs_out": 0, "chars_in": 0, "chars_out": 0})
+        zero = {"docs_in": 0, "docs_out": 0, "chars_in": 0, "chars_out": 0, "words_in": 0, "words_out": 0}
+        entry = self.steps.setdefault(step, {**zero, "removed": Counter(), "per_domain": {}})
+        per = entry["per_domain"].setdefault(domain, dict(zero))
         for target in (entry, per):
             target["docs_in"] += 1
-            target["chars_in"] += size_in
+            target["chars_in"] += size_in[0]
+            target["words_in"] += size_in[1]
             if size_out is not None:
                 target["docs_out"] += docs_out
-                target["chars_out"] += size_out
+                target["chars_out"] += size_out[0]
+                target["words_out"] += size_out[1]
         if reason:
             entry["removed"][reason] += 1
             if len(self.examples[reason]) < self.examples_per_reason:
@@ -198,7 +205,7 @@ def curate(docs, cfg: CurateConfig, progress: bool = True) -> tuple[list[dict], 
     t_start = time.perf_counter()
     docs = list(tqdm(docs, desc="collect", unit="doc", disable=not progress))
     tally, timings = Tally(cfg.examples_per_reason), Counter()
-    input_lengths = [_size(d) for d in docs]
+    input_lengths = [_size(d)[0] for d in docs]
     input_domains = Counter()
     for d, n in zip(docs, input_lengths):
         input_domains[d["domain"]] += n
@@ -225,7 +232,8 @@ def curate(docs, cfg: CurateConfig, progress: bool = True) -> tuple[list[dict], 
         for doc in tqdm(survivors, desc="exact dedup", unit="doc", disable=not progress):
             key = exact_key(doc["text"])
             duplicate = key in seen
-            tally.record("exact_dedup", doc["domain"], len(doc["text"]), None if duplicate else len(doc["text"]),
+            size = _size(doc)
+            tally.record("exact_dedup", doc["domain"], size, None if duplicate else size,
                          "exact_dedup:duplicate" if duplicate else None, doc["id"], doc["text"][:300])
             if not duplicate:
                 seen[key] = doc["id"]
@@ -241,7 +249,8 @@ def curate(docs, cfg: CurateConfig, progress: bool = True) -> tuple[list[dict], 
         kept = []
         for i, doc in enumerate(survivors):
             duplicate = roots[i] != i
-            tally.record("near_dedup", doc["domain"], len(doc["text"]), None if duplicate else len(doc["text"]),
+            size = _size(doc)
+            tally.record("near_dedup", doc["domain"], size, None if duplicate else size,
                          "near_dedup:duplicate" if duplicate else None, doc["id"],
                          f"[near-duplicate of {survivors[roots[i]]['id']}] {doc['text'][:250]}")
             if not duplicate:
@@ -278,8 +287,8 @@ def mix(docs: list[dict], cfg: CurateConfig, tally: Tally) -> list[dict]:
         weight = weights.get(doc["domain"], 1.0)
         rng = random.Random(stable_hash(doc["id"]) ^ cfg.seed)  # the same choice on every run
         copies = int(weight) + (rng.random() < weight - int(weight))
-        size = len(doc["text"])
-        tally.record("mix", doc["domain"], size, size * copies if copies else None,
+        size = _size(doc)
+        tally.record("mix", doc["domain"], size, (size[0] * copies, size[1] * copies) if copies else None,
                      None if copies else "mix:downsampled", doc["id"], doc["text"][:300], docs_out=copies)
         for k in range(copies):
             copy = doc if k == 0 else {**doc, "id": f"{doc['id']}#repeat{k}", "meta": {**doc["meta"], "root_id": doc["id"]}}

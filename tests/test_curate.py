@@ -44,6 +44,8 @@ def test_pipeline_counts_and_reasons():
     assert steps["near_dedup"]["removed"] == {"near_dedup:duplicate": 1}
     assert steps["mix"]["docs_in"] == 5 and steps["mix"]["docs_out"] == 6
     assert report["input"]["docs"] == 10 and report["output"]["docs"] == 6
+    # the removed exact duplicate is d0's text in capitals: its words leave the count
+    assert steps["exact_dedup"]["words_in"] - steps["exact_dedup"]["words_out"] == len(prose(0).split())
     prose_step = steps["near_dedup"]["per_domain"]["prose"]
     assert (prose_step["docs_in"], prose_step["docs_out"]) == (4, 3)
     assert prose_step["chars_out"] == sum(len(d["text"]) for d in kept if d["domain"] == "prose")
