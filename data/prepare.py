@@ -17,12 +17,13 @@ Writes into --out:
 Re-running is cheap: finished steps are skipped. Other settings on an existing --out are refused
 unless --force, which rebuilds this script's own files and never touches anything else.
 Across machines: run with --rank/--world_size to curate one shard of the sources per machine
-(writes curated-RANK-of-WORLD.jsonl and stops), then run once more with --input on those files
-to dedup across shards, train the tokenizer and write the token shards.
+(writes curated-RANK-of-WORLD.jsonl and stops, without mixing), then run once more with --input
+on the folder of those files to dedup across shards, mix, train the tokenizer and write shards.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -159,8 +160,10 @@ def main(argv=None) -> int:
         report = json.loads((out / f"{report_name}.json").read_text())
     else:
         source_stats: dict = {}
+        # a sharded pass does not mix: the final pass over all shards does, once
+        curate_cfg = dataclasses.replace(cfg, mix="") if sharded else cfg
         docs, report = curate(iter_inputs(inputs, source_stats, cfg.rank, cfg.world_size, cfg.hub_max_docs,
-                                          cfg.hub_text_field, cfg.url_timeout), cfg, progress=cfg.progress)
+                                          cfg.hub_text_field, cfg.url_timeout), curate_cfg, progress=cfg.progress)
         if report["input"]["docs"] == 0:
             raise PrepareError(f"the inputs {inputs} hold no documents (supported: .txt .md .rst, code files, .jsonl "
                                f"with a 'text' field, .urls, URLs, hf:NAME); skipped: {source_stats or 'nothing'}")
@@ -182,8 +185,8 @@ def main(argv=None) -> int:
     print(f"curate: {report['input']['docs']:,} documents in, {len(docs):,} out "
           f"({report['output']['chars'] / 1e6:.1f}M characters; {report.get('seconds', 0)}s)")
     if sharded:
-        print(f"rank {cfg.rank} of {cfg.world_size}: wrote {out / curated_name}. When every rank is done, run "
-              f"data/prepare.py --input {out}/curated-*-of-{cfg.world_size:05d}.jsonl ... --out DIR to finish.")
+        print(f"rank {cfg.rank} of {cfg.world_size}: wrote {out / curated_name}. When every rank is done, finish with "
+              f"data/prepare.py --input {out} --out DIR (dedup across shards, mixing, tokenizer, shards).")
         return 0
 
     # ---- 3. the tokenizer (trained on the train split only)

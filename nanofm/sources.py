@@ -329,8 +329,8 @@ def iter_urls(urls: list[str], stats: dict, timeout: float = 10.0, retries: int 
 
 # ------------------------------------------------------------------ hub datasets (online users)
 
-def iter_hub_dataset(name: str, split: str = "train", text_field: str = "text",
-                     max_docs: int | None = None, **load_kwargs) -> Iterator[dict]:
+def iter_hub_dataset(name: str, split: str = "train", text_field: str = "text", max_docs: int | None = None,
+                     rank: int = 0, world_size: int = 1, **load_kwargs) -> Iterator[dict]:
     """Stream a Hugging Face dataset; needs `pip install datasets` and, for hub ids, a network."""
     try:
         import datasets
@@ -340,6 +340,8 @@ def iter_hub_dataset(name: str, split: str = "train", text_field: str = "text",
     for i, record in enumerate(stream):
         if max_docs is not None and i >= max_docs:
             break
+        if not in_shard(f"{name}/{split}/{i}", rank, world_size):
+            continue
         if not isinstance(record.get(text_field), str):
             raise SourceError(f"dataset {name} has no string field {text_field!r} (fields: {sorted(record)})")
         yield make_doc(f"hf:{name}/{split}/{i}", f"hf:{name}", "web", record[text_field], dataset=name)
@@ -357,7 +359,7 @@ def iter_inputs(inputs: list[str], stats: dict, rank: int = 0, world_size: int =
             yield from iter_builtin(rank, world_size)
         elif item.startswith("hf:"):
             name, _, split = item[3:].partition(":")
-            yield from iter_hub_dataset(name, split or "train", hub_text_field, hub_max_docs)
+            yield from iter_hub_dataset(name, split or "train", hub_text_field, hub_max_docs, rank, world_size)
         elif item in urls:
             continue
         else:

@@ -131,17 +131,18 @@ def test_bad_inputs(tmp_path):
 def test_sharded_curation_across_machines(folder, tmp_path):
     out = tmp_path / "parts"
     for rank in range(2):
-        code, log = prepare("--input", folder, "--out", out, "--rank", rank, "--world_size", 2, "--languages=")
+        code, log = prepare("--input", folder, "--out", out, "--rank", rank, "--world_size", 2, "--languages=",
+                            "--mix=prose:2,code:1")
         assert code == 0, log
     parts = sorted(out.glob("curated-*-of-00002.jsonl"))
     assert len(parts) == 2
-    n = sum(len(p.read_text().splitlines()) for p in parts)
-    assert n == 42
-    # the second pass reads the parts (dedup across shards, tokenizer, shards)
-    code, log = prepare(*sum((["--input", p] for p in parts), []), "--out", tmp_path / "final", "--vocab_size", 520,
-                        "--languages=")
+    n = [len(p.read_text().splitlines()) for p in parts]
+    assert sum(n) == 42 and min(n) > 0  # every document in one part; no mixing yet
+    # the final pass reads the folder of parts: dedup across shards, mixing, tokenizer, shards
+    code, log = prepare("--input", out, "--out", tmp_path / "final", "--vocab_size", 520, "--languages=",
+                        "--mix=prose:2,code:1")
     assert code == 0, log
-    assert len((tmp_path / "final" / "curated.jsonl").read_text().splitlines()) == 42
+    assert len((tmp_path / "final" / "curated.jsonl").read_text().splitlines()) == 41 * 2 + 1
 
 
 @pytest.mark.slow
