@@ -79,6 +79,11 @@ PUNCT_CHARS = set("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~“”‘’…–—«»")
 C4_BOILERPLATE = ("cookie", "privacy policy", "terms of use", "terms of service", "use cookies")
 
 
+def first_failure(checks) -> str | None:
+    """The reason of the first failed check, in order; all signals are measured before."""
+    return next((reason for reason, failed in checks if failed), None)
+
+
 def _words(text: str) -> list[str]:
     return text.split()
 
@@ -97,21 +102,16 @@ def gopher_quality(text: str, cfg) -> tuple[dict, str | None]:
         "alpha_words": sum(any(c.isalpha() for c in w) for w in words) / n_words,
         "stop_words": sum(w.lower().strip(".,;:!?'\"()") in STOP_WORDS for w in words),
     }
-    if not cfg.min_words <= signals["words"] <= cfg.max_words:
-        return signals, "gopher_quality:word_count"
-    if not cfg.min_mean_word_length <= signals["mean_word_length"] <= cfg.max_mean_word_length:
-        return signals, "gopher_quality:mean_word_length"
-    if signals["symbol_word_ratio"] > cfg.max_symbol_word_ratio:
-        return signals, "gopher_quality:symbol_ratio"
-    if signals["bullet_lines"] > cfg.max_bullet_lines:
-        return signals, "gopher_quality:bullet_lines"
-    if signals["ellipsis_lines"] > cfg.max_ellipsis_lines:
-        return signals, "gopher_quality:ellipsis_lines"
-    if signals["alpha_words"] < cfg.min_alpha_words:
-        return signals, "gopher_quality:alpha_words"
-    if signals["stop_words"] < cfg.min_stop_words:
-        return signals, "gopher_quality:stop_words"
-    return signals, None
+    return signals, first_failure([
+        ("gopher_quality:word_count", not cfg.min_words <= signals["words"] <= cfg.max_words),
+        ("gopher_quality:mean_word_length",
+         not cfg.min_mean_word_length <= signals["mean_word_length"] <= cfg.max_mean_word_length),
+        ("gopher_quality:symbol_ratio", signals["symbol_word_ratio"] > cfg.max_symbol_word_ratio),
+        ("gopher_quality:bullet_lines", signals["bullet_lines"] > cfg.max_bullet_lines),
+        ("gopher_quality:ellipsis_lines", signals["ellipsis_lines"] > cfg.max_ellipsis_lines),
+        ("gopher_quality:alpha_words", signals["alpha_words"] < cfg.min_alpha_words),
+        ("gopher_quality:stop_words", signals["stop_words"] < cfg.min_stop_words),
+    ])
 
 
 def _duplicate_share(items: list[str]) -> tuple[float, float]:
@@ -159,23 +159,18 @@ def gopher_repetition(text: str, cfg) -> tuple[dict, str | None]:
     signals = {}
     signals["dup_line_share"], signals["dup_line_char_share"] = _duplicate_share(lines)
     signals["dup_para_share"], signals["dup_para_char_share"] = _duplicate_share(paragraphs)
-    if signals["dup_line_share"] > cfg.max_dup_line_share:
-        return signals, "gopher_repetition:dup_lines"
-    if signals["dup_para_share"] > cfg.max_dup_para_share:
-        return signals, "gopher_repetition:dup_paragraphs"
-    if signals["dup_line_char_share"] > cfg.max_dup_line_char_share:
-        return signals, "gopher_repetition:dup_line_chars"
-    if signals["dup_para_char_share"] > cfg.max_dup_para_char_share:
-        return signals, "gopher_repetition:dup_paragraph_chars"
-    for n, limit in TOP_NGRAM_LIMITS.items():
-        signals[f"top_{n}gram_share"] = share = top_ngram_char_share(words, n)
-        if share > limit:
-            return signals, f"gopher_repetition:top_{n}gram"
-    for n, limit in DUP_NGRAM_LIMITS.items():
-        signals[f"dup_{n}gram_share"] = share = duplicated_ngram_char_share(words, n)
-        if share > limit:
-            return signals, f"gopher_repetition:dup_{n}gram"
-    return signals, None
+    for n in TOP_NGRAM_LIMITS:
+        signals[f"top_{n}gram_share"] = top_ngram_char_share(words, n)
+    for n in DUP_NGRAM_LIMITS:
+        signals[f"dup_{n}gram_share"] = duplicated_ngram_char_share(words, n)
+    return signals, first_failure([
+        ("gopher_repetition:dup_lines", signals["dup_line_share"] > cfg.max_dup_line_share),
+        ("gopher_repetition:dup_paragraphs", signals["dup_para_share"] > cfg.max_dup_para_share),
+        ("gopher_repetition:dup_line_chars", signals["dup_line_char_share"] > cfg.max_dup_line_char_share),
+        ("gopher_repetition:dup_paragraph_chars", signals["dup_para_char_share"] > cfg.max_dup_para_char_share),
+        *((f"gopher_repetition:top_{n}gram", signals[f"top_{n}gram_share"] > limit) for n, limit in TOP_NGRAM_LIMITS.items()),
+        *((f"gopher_repetition:dup_{n}gram", signals[f"dup_{n}gram_share"] > limit) for n, limit in DUP_NGRAM_LIMITS.items()),
+    ])
 
 
 def fineweb(text: str, cfg) -> tuple[dict, str | None]:
@@ -186,13 +181,11 @@ def fineweb(text: str, cfg) -> tuple[dict, str | None]:
         "short_line_share": sum(len(l) <= cfg.short_line_chars for l in lines) / n,
         "dup_line_chars_total_share": _duplicate_share(lines)[1] * sum(map(len, lines)) / max(1, len(text)),
     }
-    if signals["line_punct_share"] < cfg.min_line_punct_share:
-        return signals, "fineweb:line_punctuation"
-    if signals["dup_line_chars_total_share"] > cfg.max_dup_line_chars_total_share:
-        return signals, "fineweb:duplicate_line_chars"
-    if signals["short_line_share"] > cfg.max_short_line_share:
-        return signals, "fineweb:short_lines"
-    return signals, None
+    return signals, first_failure([
+        ("fineweb:line_punctuation", signals["line_punct_share"] < cfg.min_line_punct_share),
+        ("fineweb:duplicate_line_chars", signals["dup_line_chars_total_share"] > cfg.max_dup_line_chars_total_share),
+        ("fineweb:short_lines", signals["short_line_share"] > cfg.max_short_line_share),
+    ])
 
 
 def c4_lines(text: str) -> tuple[str, int]:
@@ -243,21 +236,15 @@ def code_quality(text: str, cfg) -> tuple[dict, str | None]:
         "data_line_share": sum(bool(DATA_LINE.match(l)) for l in nonempty) / max(1, len(nonempty)),
         "autogenerated": bool(AUTOGEN_MARKERS.search("\n".join(lines[:cfg.autogen_header_lines]).lower())),
     }
-    if len(text) < cfg.code_min_chars:
-        return signals, "code:too_short"
-    if len(text) > cfg.code_max_chars:
-        return signals, "code:too_long"
-    if signals["autogenerated"]:
-        return signals, "code:autogenerated"
-    if signals["max_line_length"] > cfg.code_max_line_length:
-        return signals, "code:long_line"
-    if signals["mean_line_length"] > cfg.code_max_mean_line_length:
-        return signals, "code:mean_line_length"
-    if signals["alnum_share"] < cfg.code_min_alnum_share:
-        return signals, "code:alphanumeric_share"
-    if signals["data_line_share"] > cfg.code_max_data_line_share:
-        return signals, "code:mostly_data"
-    return signals, None
+    return signals, first_failure([
+        ("code:too_short", len(text) < cfg.code_min_chars),
+        ("code:too_long", len(text) > cfg.code_max_chars),
+        ("code:autogenerated", signals["autogenerated"]),
+        ("code:long_line", signals["max_line_length"] > cfg.code_max_line_length),
+        ("code:mean_line_length", signals["mean_line_length"] > cfg.code_max_mean_line_length),
+        ("code:alphanumeric_share", signals["alnum_share"] < cfg.code_min_alnum_share),
+        ("code:mostly_data", signals["data_line_share"] > cfg.code_max_data_line_share),
+    ])
 
 
 def quality(doc: dict, cfg) -> str | None:
