@@ -191,3 +191,39 @@ class TokenLoader:
         if self.device != "cpu":
             x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x, y
+
+
+def mask_tokens(x, vocab_size: int, mask_id: int, special_ids: list[int], prob: float = 0.15,
+                generator=None):
+    """BERT masking: choose `prob` of the non-special tokens; of those, 80% become <|mask|>, 10% a
+    random regular token, 10% stay. Returns (inputs, targets) with targets -100 where not chosen.
+
+    Random tokens are drawn from the regular vocabulary (below the first special id), so the model
+    is never fed a control token it has to predict around."""
+    import torch
+
+    special = torch.zeros(vocab_size, dtype=torch.bool)
+    special[torch.tensor(special_ids, dtype=torch.long)] = True
+    special = special.to(x.device)
+    draws = torch.rand(x.shape + (2,), generator=generator, device="cpu").to(x.device)
+    chosen = (draws[..., 0] < prob) & ~special[x]
+    targets = torch.where(chosen, x, torch.full_like(x, -100))
+    inputs = x.clone()
+    to_mask = chosen & (draws[..., 1] < 0.8)
+    to_random = chosen & (draws[..., 1] >= 0.8) & (draws[..., 1] < 0.9)
+    inputs[to_mask] = mask_id
+    n_regular = min(special_ids) if special_ids else vocab_size
+    random_tokens = torch.randint(0, n_regular, x.shape, generator=generator, device="cpu").to(x.device)
+    inputs[to_random] = random_tokens[to_random]
+    return inputs, targets
+
+
+def unigram_entropy(data_dir, split: str = "train") -> float:
+    """Entropy (nats/token) of the token distribution: the loss of a model that ignores context."""
+    counts = None
+    for path in shard_paths(data_dir, split):
+        tokens = open_shard(path)
+        c = np.bincount(tokens, minlength=int(tokens.max()) + 1 if len(tokens) else 1)
+        counts = c if counts is None else np.pad(counts, (0, max(0, len(c) - len(counts)))) + np.pad(c, (0, max(0, len(counts) - len(c))))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())

@@ -21,3 +21,18 @@ def prose(seed, sentences=40):
     return "\n".join(lines)
 
 
+
+
+def markov(seed, words=500, successors=5):
+    """Text from a fixed first-order Markov chain over WORDS (+ stop words): each word has a few
+    likely successors, so a model can learn far more than the unigram distribution."""
+    vocab = WORDS + STOP
+    chain_rng = random.Random(12345)  # the same chain for every document
+    chain = {w: chain_rng.sample(vocab, successors) for w in vocab}
+    rng = random.Random(seed)
+    word, out = rng.choice(vocab), []
+    for i in range(words):
+        out.append(word)
+        word = rng.choice(chain[word])
+    lines = [" ".join(out[i:i + 12]).capitalize() + "." for i in range(0, len(out), 12)]
+    return "\n".join(lines)

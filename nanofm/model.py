@@ -1,0 +1,372 @@
+"""One Transformer for GPT-style (causal) and BERT-style (bidirectional) models, with a KV cache.
+
+    cfg = ModelConfig.preset("tiny", vocab_size=8192)
+    model = Transformer(cfg)
+    logits, loss = model(idx, targets)                  # idx [B, T] token ids
+    out = model.generate(prompt, max_new_tokens=50, temperature=0.8, top_k=50)
+    python -m nanofm.model --preset gpt2                # parameters and FLOPs of a preset
+
+Design decisions:
+- Names follow GPT-2's checkpoint (transformer.wte, .wpe, .h[i].attn.c_attn, .mlp.c_fc, .ln_f,
+  lm_head), so weights map onto other implementations by name.
+- One block serves every layout the dataclass can describe: LayerNorm or RMSNorm, learned
+  positions or RoPE, GELU or SwiGLU MLP, grouped-query attention (n_kv_head < n_head), biases,
+  dropout, tied or untied embeddings. Presets pick the layouts people know (GPT-2, BERT, and a
+  Llama-style `tiny` that trains on a laptop).
+- Attention is F.scaled_dot_product_attention (flash / memory-efficient kernels on GPU). Causal
+  models use is_causal; BERT models take a padding mask instead.
+- Heads: `lm` (next-token logits) and `mlm` (BERT's transform: dense, GELU, norm, then the tied
+  decoder). Later stages read `hidden_states` for classification, value and reward heads.
+- The KV cache holds keys/values per layer for the positions seen so far; generation with it
+  must give exactly the tokens of the naive path that recomputes the whole sequence (tested).
+- FLOPs per token = 6N + 12 L H Q T (PaLM, appendix B), N without position embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PRESETS = {
+    # a Llama-style model that learns readable text in minutes on a laptop CPU
+    "tiny": dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=192, block_size=256, norm="rmsnorm", pos="rope",
+                 mlp="swiglu", bias=False, tie_embeddings=True),
+    "small": dict(n_layer=8, n_head=8, n_kv_head=4, n_embd=512, block_size=512, norm="rmsnorm", pos="rope",
+                  mlp="swiglu", bias=False, tie_embeddings=True),
+    # GPT-2 (Radford et al. 2019), vocab padded from 50257 to 50304 (a multiple of 64) for speed
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50304),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024, vocab_size=50304),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, vocab_size=50304),
+    # BERT-base (Devlin et al. 2018): bidirectional, learned positions, post-training MLM head
+    "bert-base": dict(n_layer=12, n_head=12, n_embd=768, block_size=512, causal=False, vocab_size=30522),
+}
+
+# dense bf16 peak FLOP/s per GPU, for MFU
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # grouped-query attention; None = n_head
+    n_embd: int = 768
+    block_size: int = 1024  # context length
+    causal: bool = True  # GPT (True) or BERT (False)
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    pos: str = "learned"  # learned | rope
+    mlp: str = "gelu"  # gelu | swiglu
+    mlp_hidden: int | None = None  # default 4 d for gelu, 8/3 d (rounded to 64) for swiglu
+    bias: bool = True
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head
+        problems = []
+        if self.n_embd % self.n_head:
+            problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            problems.append(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            problems.append("RoPE needs an even head size")
+        for name, value, allowed in (("norm", self.norm, ("layernorm", "rmsnorm")), ("pos", self.pos, ("learned", "rope")),
+                                     ("mlp", self.mlp, ("gelu", "swiglu"))):
+            if value not in allowed:
+                problems.append(f"{name} must be one of {allowed}, got {value!r}")
+        if problems:
+            raise ValueError("bad model config: " + "; ".join(problems))
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------ layers
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    return RMSNorm(cfg.n_embd, cfg.norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.n_embd, cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(cfg: ModelConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()  # [T, head_dim / 2]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of each head's channels by position-dependent angles."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[None, None], sin[None, None]  # broadcast over batch and heads
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer for the positions processed so far."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        self.pos, self.max_len = 0, max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.size(2)
+        self.k[layer, :, :, self.pos:self.pos + t] = k
+        self.v[layer, :, :, self.pos:self.pos + t] = v
+        return self.k[layer, :, :, :self.pos + t], self.v[layer, :, :, :self.pos + t]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        kv_dim = cfg.n_kv_head * cfg.head_dim
+        self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_dim, bias=cfg.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, attn_mask=None, cache: KVCache | None = None):
+        cfg, (B, T, C) = self.cfg, x.shape
+        q, k, v = self.c_attn(x).split([C, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim], dim=2)
+        q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # [B, heads, T, head_dim]
+        k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        # causal without a cache (or a cache starting empty): the fused causal path; with cached
+        # positions and several new queries, an explicit mask (query i sees keys <= pos + i)
+        is_causal = cfg.causal and attn_mask is None and (cache is None or cache.pos == 0) and T > 1
+        if cfg.causal and attn_mask is None and cache is not None and cache.pos > 0 and T > 1:
+            attn_mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=cache.pos)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=cfg.dropout if self.training else 0.0,
+                                           enable_gqa=cfg.n_kv_head != cfg.n_head)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        # SwiGLU: one matmul makes both the gate and the value, split in half
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.mlp_hidden * (2 if self.swiglu else 1), bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.ln_1, self.attn = make_norm(cfg), Attention(cfg, layer)
+        self.ln_2, self.mlp = make_norm(cfg), MLP(cfg)
+
+    def forward(self, x, rope=None, attn_mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rope, attn_mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+# ------------------------------------------------------------------ the model
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)]),
+            ln_f=make_norm(cfg),
+        ))
+        if cfg.pos == "learned":
+            self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        if not cfg.causal:  # BERT's MLM transform before the (tied) decoder
+            self.mlm_transform = nn.Sequential(nn.Linear(cfg.n_embd, cfg.n_embd), nn.GELU(), make_norm(cfg))
+        if cfg.pos == "rope":
+            cos, sin = rope_tables(cfg, cfg.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 L)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters (shared ones once); without position embeddings by default, as in FLOPs."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        cfg, T = self.cfg, seq_len or self.cfg.block_size
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+
+    def hidden_states(self, idx, attention_mask=None, cache: KVCache | None = None):
+        """Final-norm hidden states [B, T, C]. attention_mask [B, T] marks real tokens (1) vs
+        padding (0); positions start after the cached ones."""
+        cfg, (B, T) = self.cfg, idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the context of {cfg.block_size}")
+        x = self.transformer.wte(idx)
+        rope = None
+        if cfg.pos == "learned":
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        x = self.transformer.drop(x)
+        attn_mask = None
+        if attention_mask is not None:  # keys that are padding are hidden from every query
+            keys = attention_mask.bool()[:, None, None, :]
+            if cfg.causal:
+                keys = keys & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            # a padding query still sees itself, so no row is all -inf (that would make NaNs)
+            attn_mask = keys | torch.eye(T, dtype=torch.bool, device=idx.device)
+        for block in self.transformer.h:
+            x = block(x, rope, attn_mask, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, attention_mask=None, cache: KVCache | None = None):
+        """Logits [B, T, V] and, given targets (-100 = ignore), the mean cross-entropy loss."""
+        h = self.hidden_states(idx, attention_mask, cache)
+        if not self.cfg.causal:
+            h = self.mlm_transform(h)
+        logits = self.lm_head(h)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+        return logits, loss
+
+    # ---------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, use_cache: bool = True, generator: torch.Generator | None = None,
+                 stop_token: int | None = None, vocab_limit: int | None = None):
+        """Sample continuations of idx [B, T]; temperature 0 is greedy. vocab_limit keeps the
+        padding rows of the vocabulary (ids the tokenizer does not have) from being sampled."""
+        if not self.cfg.causal:
+            raise ValueError("generation needs a causal (GPT-style) model")
+        total = idx.size(1) + max_new_tokens
+        if total > self.cfg.block_size:
+            raise ValueError(f"prompt ({idx.size(1)}) + max_new_tokens ({max_new_tokens}) exceeds the context of {self.cfg.block_size}")
+        cache = KVCache(self.cfg, idx.size(0), total, idx.device, self.lm_head.weight.dtype) if use_cache else None
+        out, step_input = idx, idx
+        was_training = self.training
+        self.eval()  # no dropout while sampling (and no draws from the global RNG)
+        try:
+            for _ in range(max_new_tokens):
+                logits, _ = self(step_input if use_cache else out, cache=cache)
+                next_token = sample_next(logits[:, -1, :vocab_limit], temperature, top_k, top_p, generator)
+                out = torch.cat([out, next_token], dim=1)
+                step_input = next_token
+                if stop_token is not None and bool((next_token == stop_token).all()):
+                    break
+        finally:
+            self.train(was_training)
+        return out
+
+
+def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from logits [B, V]: greedy at temperature 0, else top-k and nucleus."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+
+
+# ------------------------------------------------------------------ accounting
+
+def gpu_peak_flops(device: str | torch.device) -> float | None:
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def param_count_formula(cfg: ModelConfig) -> int:
+    """Closed-form parameter count of the GPT-2 layout (LayerNorm, GELU, biases, learned positions,
+    tied embeddings): V d + T d + L (12 d^2 + 13 d) + 2 d."""
+    d = cfg.n_embd
+    return cfg.vocab_size * d + cfg.block_size * d + cfg.n_layer * (12 * d * d + 13 * d) + 2 * d
+
+
+def describe(cfg: ModelConfig, seq_len: int | None = None) -> dict:
+    with torch.device("meta"):  # no memory is allocated for the weights
+        model = Transformer(cfg)
+    return {"params": model.num_params(non_embedding=False), "params_non_embedding": model.num_params(),
+            "flops_per_token": model.flops_per_token(seq_len)}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="parameters and FLOPs of the presets")
+    parser.add_argument("--preset", default=None, choices=list(PRESETS))
+    args = parser.parse_args()
+    for name in [args.preset] if args.preset else PRESETS:
+        info = describe(ModelConfig.preset(name))
+        print(f"{name:12s} {info['params'] / 1e6:8.1f}M params  {info['flops_per_token'] / 1e9:6.2f} GFLOP/token")

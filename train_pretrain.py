@@ -1,0 +1,179 @@
+"""Stages 3-4: pretrain a Transformer, causal LM (GPT) or masked LM (BERT), on token shards.
+
+    python train_pretrain.py                                    # built-in corpus, whatever device is here
+    python train_pretrain.py --objective=mlm                    # a BERT-style model
+    python train_pretrain.py --preset=small --max_iters=2000 --out_dir=out/small
+    python train_pretrain.py --init_from=resume --out_dir=out/pretrain   # continue a stopped run exactly
+    torchrun --standalone --nproc_per_node=8 train_pretrain.py --preset=gpt2 --batch_size=16
+    python train_pretrain.py --help                             # every setting
+
+With no arguments it prepares the built-in data if it is missing (data/prepare.py), trains the
+`tiny` preset on CPU (`gpt2` on a GPU), prints samples, and saves checkpoints in out/pretrain/.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from nanofm import __version__  # noqa: E402
+from nanofm.checkpoint import CheckpointError, load_model, load_weights, read_meta, resolve  # noqa: E402
+from nanofm.config import config_to_dict, parse_config  # noqa: E402
+from nanofm.data import ShardError, TokenLoader, mask_tokens, unigram_entropy  # noqa: E402
+from nanofm.model import ModelConfig, Transformer  # noqa: E402
+from nanofm.tokenizer import Tokenizer, TokenizerError  # noqa: E402
+from nanofm.train import TrainConfig, TrainingError, setup, teardown, train, wrap_model  # noqa: E402
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """Pretrain (or keep pretraining) a Transformer on token shards from data/prepare.py."""
+    objective: str = "clm"  # clm (causal LM, GPT) | mlm (masked LM, BERT)
+    lr: float = 0.0  # peak learning rate; 0 = by size: 2e-3 below 50M parameters, 6e-4 above
+    preset: str = "auto"  # model preset; auto = tiny on CPU/MPS, gpt2 on CUDA (see nanofm/model.py)
+    data_dir: str = "data/default"  # token shards and tokenizer from data/prepare.py
+    out_dir: str = "out/pretrain"  # checkpoints, metrics.jsonl, loss.png
+    init_from: str = "scratch"  # scratch | resume (the latest checkpoint in out_dir) | a checkpoint directory
+    seq_len: int = 0  # tokens per sequence; 0 = the model's context length
+    mask_prob: float = 0.15  # MLM: share of tokens chosen for prediction
+    # model overrides (none = the preset's value)
+    n_layer: Optional[int] = None  # Transformer blocks
+    n_head: Optional[int] = None  # attention heads
+    n_embd: Optional[int] = None  # width
+    block_size: Optional[int] = None  # context length
+    dropout: Optional[float] = None  # dropout probability
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.objective not in ("clm", "mlm"):
+            raise ValueError(f"--objective must be clm or mlm, got {self.objective!r}")
+        if not 0 < self.mask_prob < 1:
+            raise ValueError(f"--mask_prob must be between 0 and 1, got {self.mask_prob}")
+
+
+def ensure_data(cfg: PretrainConfig, master: bool) -> None:
+    """Build the built-in corpus on first use; any other missing data dir is the user's to make."""
+    data_dir = Path(cfg.data_dir)
+    if (data_dir / "tokenizer.json").exists() and list(data_dir.glob("train_*.bin")):
+        return
+    if data_dir.resolve() != (ROOT / "data" / "default").resolve():
+        raise ShardError(f"{data_dir} holds no tokenizer and shards; make them with: python data/prepare.py --out {data_dir} ...")
+    if master:
+        print(f"{data_dir} is missing: preparing the built-in corpus first (python data/prepare.py)")
+        subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py")], check=True)
+
+
+def build_model(cfg: PretrainConfig, tokenizer: Tokenizer, device_type: str) -> tuple[Transformer, dict | None, str | None]:
+    """(model, meta of the checkpoint it starts from or None, that checkpoint's path or None)"""
+    overrides = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                     dropout=cfg.dropout)
+    if cfg.init_from == "scratch":
+        preset = cfg.preset if cfg.preset != "auto" else ("gpt2" if device_type == "cuda" else "tiny")
+        if cfg.objective == "mlm":
+            overrides["causal"] = False
+        elif preset == "bert-base":
+            raise ValueError("the bert-base preset is bidirectional: use it with --objective=mlm")
+        vocab = 64 * -(-tokenizer.vocab_size // 64)  # padded to a multiple of 64 for fast matmuls
+        return Transformer(ModelConfig.preset(preset, vocab_size=vocab, **overrides)), None, None
+    source = resolve(cfg.out_dir if cfg.init_from == "resume" else cfg.init_from)
+    meta = read_meta(source)
+    model, _ = load_model(source)
+    if model.cfg.causal != (cfg.objective == "clm"):
+        raise ValueError(f"{source} is a {'causal' if model.cfg.causal else 'bidirectional'} model; "
+                         f"it cannot be trained with --objective={cfg.objective}")
+    if model.cfg.vocab_size < tokenizer.vocab_size:
+        raise TokenizerError(f"{source} has a vocabulary of {model.cfg.vocab_size} but the data in {cfg.data_dir} uses "
+                             f"{tokenizer.vocab_size} tokens; prepare the data with the checkpoint's tokenizer: "
+                             f"python data/prepare.py --tokenizer {source}/tokenizer.json ...")
+    asked = {k: v for k, v in overrides.items() if v is not None and k != "dropout"}
+    differs = {k: (getattr(model.cfg, k), v) for k, v in asked.items() if getattr(model.cfg, k) != v}
+    if differs:
+        raise CheckpointError(f"{source} has a different shape than asked: "
+                              + ", ".join(f"{k}={a} (asked {b})" for k, (a, b) in differs.items()))
+    return model, meta, str(source)
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(PretrainConfig, argv, description=__doc__.split("\n\n")[0])
+    ctx = setup(cfg)
+    ensure_data(cfg, ctx.master)
+    if ctx.ddp:
+        torch.distributed.barrier()  # the other ranks wait for the data
+    tokenizer = Tokenizer.load(cfg.data_dir)
+    model, parent_meta, parent = build_model(cfg, tokenizer, ctx.device_type)
+    mcfg = model.cfg
+    seq_len = cfg.seq_len or mcfg.block_size
+    if seq_len > mcfg.block_size:
+        raise ValueError(f"--seq_len {seq_len} is longer than the model's context ({mcfg.block_size})")
+    if not cfg.lr:  # small models learn faster with a larger step; GPT-2-sized ones need 6e-4
+        cfg.lr = 2e-3 if model.num_params() < 50e6 else 6e-4
+    model, raw_model = wrap_model(model, cfg, ctx)
+
+    def make_loader(split):
+        return TokenLoader(cfg.data_dir, split, cfg.batch_size, seq_len, ctx.rank, ctx.world_size, ctx.device)
+
+    train_loader = make_loader("train")
+    specials = sorted(tokenizer.special_tokens.values())
+
+    def loss_fn(model, batch, step, reduction="mean"):
+        x, y = batch
+        if cfg.objective == "mlm":  # a generator per (step, rank): the same masks after a resume
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + ctx.rank)
+            x, y = mask_tokens(x, mcfg.vocab_size, tokenizer.mask_id, specials, cfg.mask_prob, generator)
+        _, loss = model(x, y)
+        if reduction == "mean":
+            return loss
+        count = int((y != -100).sum())
+        return loss * count, count, y
+
+    def sample_fn(model, n_tokens):
+        prompt = torch.tensor([[tokenizer.bos_id]], device=ctx.device)
+        generator = torch.Generator(device=ctx.device).manual_seed(cfg.seed)  # leaves the global RNG alone
+        with ctx.autocast():
+            out = model.generate(prompt, min(n_tokens, mcfg.block_size - 1), temperature=0.8, top_k=50, generator=generator,
+                                 vocab_limit=tokenizer.vocab_size)
+        return tokenizer.decode(out[0, 1:].tolist())
+
+    tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum * ctx.world_size
+    meta = {"model": mcfg.to_dict(), "stage": "pretrain", "objective": cfg.objective, "config": config_to_dict(cfg),
+            "tokenizer": tokenizer.name, "data_dir": str(cfg.data_dir), "parent": parent,
+            "lineage": (parent_meta or {}).get("lineage", []) + ([parent] if parent else []),
+            "nanofm_version": __version__}
+    if ctx.master:
+        print(f"model: {raw_model.num_params(non_embedding=False) / 1e6:.2f}M parameters, "
+              f"{'causal' if mcfg.causal else 'bidirectional'}, {mcfg.n_layer} layers x {mcfg.n_embd} wide, context {mcfg.block_size}; "
+              f"device {ctx.device} x {ctx.world_size}, {str(ctx.dtype).replace('torch.', '')}; "
+              f"{tokens_per_step:,} tokens per step")
+    resume_from = parent if cfg.init_from == "resume" else None
+    result = train(cfg, ctx, model, raw_model, loss_fn, train_loader, lambda: make_loader("val"), cfg.out_dir, meta,
+                   tokens_per_step, tokenizer, Path(cfg.data_dir) / "tokenizer.json", resume_from,
+                   sample_fn if mcfg.causal else None)
+    if ctx.master:
+        entropy = unigram_entropy(cfg.data_dir)
+        result["unigram_entropy"] = entropy
+        print(f"done: validation loss {result.get('val_loss', float('nan')):.4f} nats/token "
+              f"(unigram entropy of the data: {entropy:.4f}); checkpoint {result['checkpoint']}")
+    teardown(ctx)
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ShardError, TokenizerError, CheckpointError, TrainingError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.stdout.flush()
+        os._exit(1)  # under torchrun, exit without waiting on the other ranks
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        os._exit(0)  # gloo can abort at interpreter exit after destroy_process_group
