@@ -2,6 +2,7 @@
 JSON under bench_out/ (gitignored).
 
     python bench.py data      # curation steps, MinHash vs datasketch, BPE training vs rustbpe, encoding
+    python bench.py train     # training tokens/s and MFU: gpt2 eager vs compiled on CUDA, tiny on CPU
 
 Every ratio is measured in the same run on the same inputs; nothing here is a hard-coded number.
 """
@@ -151,7 +152,85 @@ def bench_data(argv) -> dict:
     return results
 
 
-BENCHMARKS = {"data": bench_data}
+@dataclass
+class TrainBenchConfig:
+    steps: int = 10  # timed optimizer steps per configuration
+    warmup: int = 3  # untimed steps first (compilation happens here)
+    gpu_preset: str = "gpt2"  # the model measured on CUDA
+    gpu_batch: int = 16  # sequences per step on CUDA
+    cpu_preset: str = "tiny"  # the model measured on CPU
+    cpu_batch: int = 8  # sequences per step on CPU
+    out: str = "bench_out"  # where the JSON results go
+
+
+def measure_training(preset: str, batch: int, device: str, dtype, compile_model: bool, steps: int, warmup: int) -> dict:
+    """Tokens/s and MFU of full training steps (forward, backward, AdamW) on random tokens."""
+    import torch
+
+    from nanofm.model import ModelConfig, Transformer, gpu_peak_flops
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset(preset)
+    model = Transformer(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    step_model = torch.compile(model) if compile_model else model
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=device)
+    autocast = torch.autocast(device_type=device, dtype=dtype) if dtype is not None else None
+
+    def step():
+        if autocast is not None:
+            with autocast:
+                _, loss = step_model(x, x)
+        else:
+            _, loss = step_model(x, x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    tok_s = batch * cfg.block_size / seconds
+    peak = gpu_peak_flops(device)
+    return {"preset": preset, "batch": batch, "seq": cfg.block_size, "ms_per_step": 1000 * seconds, "tokens_per_s": tok_s,
+            "mfu": model.flops_per_token() * tok_s / peak if peak else None,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
+
+
+def bench_train(argv) -> dict:
+    cfg = parse_config(TrainBenchConfig, argv)
+    import torch
+
+    rows, results = [], {}
+    runs = [("cpu", cfg.cpu_preset, cfg.cpu_batch, None, False)]
+    if torch.cuda.is_available():
+        runs = [("cuda", cfg.gpu_preset, cfg.gpu_batch, torch.bfloat16, False),
+                ("cuda", cfg.gpu_preset, cfg.gpu_batch, torch.bfloat16, True)] + runs
+    for device, preset, batch, dtype, compiled in runs:
+        r = measure_training(preset, batch, device, dtype, compiled, cfg.steps, cfg.warmup)
+        name = f"{preset} {device} {'bf16' if dtype else 'fp32'} {'compiled' if compiled else 'eager'}"
+        results[name] = r
+        rows.append((name, f"{batch} x {r['seq']}", f"{r['ms_per_step']:.1f} ms", f"{r['tokens_per_s']:,.0f}",
+                     f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a",
+                     f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] else "n/a"))
+    names = list(results)
+    if len(names) == 3:
+        rows.append(("compiled / eager", "", "", f"{results[names[1]]['tokens_per_s'] / results[names[0]]['tokens_per_s']:.2f}x", "", ""))
+    print(table(rows, ("model, device, precision, mode", "batch", "step", "tokens/s", "MFU", "peak memory")))
+    Path(cfg.out).mkdir(exist_ok=True)
+    Path(cfg.out, "train.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+BENCHMARKS = {"data": bench_data, "train": bench_train}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:

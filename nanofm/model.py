@@ -19,7 +19,7 @@ Design decisions:
   decoder). Later stages read `hidden_states` for classification, value and reward heads.
 - The KV cache holds keys/values per layer for the positions seen so far; generation with it
   must give exactly the tokens of the naive path that recomputes the whole sequence (tested).
-- FLOPs per token = 6N + 12 L H Q T (PaLM, appendix B), N without position embeddings.
+- FLOPs per token = 6N + 12 L H Q T (PaLM, appendix B), N without the embedding lookup tables.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 PRESETS = {
-    # a Llama-style model that learns readable text in minutes on a laptop CPU
+    # a Llama-style model that learns text in minutes on a laptop CPU; untied embeddings, so the
+    # input embeddings can take a larger learning rate (TrainConfig.embedding_lr_mult)
     "tiny": dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=192, block_size=256, norm="rmsnorm", pos="rope",
-                 mlp="swiglu", bias=False, tie_embeddings=True),
+                 mlp="swiglu", bias=False, tie_embeddings=False),
     "small": dict(n_layer=8, n_head=8, n_kv_head=4, n_embd=512, block_size=512, norm="rmsnorm", pos="rope",
                   mlp="swiglu", bias=False, tie_embeddings=True),
     # GPT-2 (Radford et al. 2019), vocab padded from 50257 to 50304 (a multiple of 64) for speed
@@ -242,10 +243,15 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameters (shared ones once); without position embeddings by default, as in FLOPs."""
+        """Parameters (shared ones once). non_embedding leaves out the lookup tables that cost no
+        matmul FLOPs: position embeddings, and the input embeddings when they are not tied to the
+        output head (tied, they are the head's matrix and count)."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding and "wpe" in self.transformer:
-            n -= self.transformer.wpe.weight.numel()
+        if non_embedding:
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
@@ -366,7 +372,10 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="parameters and FLOPs of the presets")
     parser.add_argument("--preset", default=None, choices=list(PRESETS))
+    parser.add_argument("--vocab_size", type=int, default=None, help="vocabulary (default: the preset's, else 50304)")
     args = parser.parse_args()
     for name in [args.preset] if args.preset else PRESETS:
-        info = describe(ModelConfig.preset(name))
-        print(f"{name:12s} {info['params'] / 1e6:8.1f}M params  {info['flops_per_token'] / 1e9:6.2f} GFLOP/token")
+        cfg = ModelConfig.preset(name, vocab_size=args.vocab_size)
+        info = describe(cfg)
+        print(f"{name:12s} {cfg.n_layer:3d} layers x {cfg.n_embd:5d} wide, context {cfg.block_size:5d}, vocab {cfg.vocab_size:6d}: "
+              f"{info['params'] / 1e6:8.1f}M params, {info['flops_per_token'] / 1e9:6.2f} GFLOP/token")

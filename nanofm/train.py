@@ -58,7 +58,8 @@ class TrainConfig:
     warmup_iters: int = 30  # linear warmup steps
     schedule: str = "cosine"  # cosine | wsd (warmup, stable, then linear decay over decay_ratio)
     decay_ratio: float = 0.2  # wsd: share of the steps spent decaying
-    weight_decay: float = 0.1  # AdamW weight decay (matrices and embeddings only)
+    weight_decay: float = 0.1  # AdamW weight decay (matrices only)
+    embedding_lr_mult: float = 15.0  # lr multiplier for untied input embeddings (each row is updated rarely)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the gradient norm; 0 disables
@@ -186,11 +187,20 @@ def wrap_model(model: torch.nn.Module, cfg: TrainConfig, ctx: Context):
 # ------------------------------------------------------------------ optimizer and schedule
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, ctx: Context) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices and embeddings (2-D and up), not on biases and norms."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    decay = [p for p in params.values() if p.dim() >= 2]
-    no_decay = [p for p in params.values() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW with three groups: matrices (weight decay), vectors such as biases and norm gains (no
+    decay), and untied input embeddings (no decay, lr x embedding_lr_mult: a token's row only gets
+    a gradient when the token occurs, so it needs larger steps to keep up)."""
+    embedding = getattr(getattr(model, "transformer", None), "wte", None)
+    head = getattr(model, "lm_head", None)
+    untied = embedding is not None and (head is None or head.weight is not embedding.weight)
+    special = {id(embedding.weight)} if untied else set()
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2 and id(p) not in special], "weight_decay": cfg.weight_decay, "lr_mult": 1.0},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_mult": 1.0},
+    ]
+    if untied:
+        groups.append({"params": [embedding.weight], "weight_decay": 0.0, "lr_mult": cfg.embedding_lr_mult})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=ctx.device_type == "cuda")
 
 
@@ -358,7 +368,7 @@ def train(cfg: TrainConfig, ctx: Context, model, raw_model, loss_fn: Callable, t
     for step in bar:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_mult"]
         is_last = step == last_step
 
         if step % cfg.eval_interval == 0:

@@ -64,9 +64,14 @@ def test_lr_schedules():
 def test_weight_decay_only_on_matrices():
     cfg = TrainConfig()
     model = Transformer(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=8))
-    decay, no_decay = make_optimizer(model, cfg, setup(TrainConfig(device="cpu"))).param_groups
+    ctx = setup(TrainConfig(device="cpu"))
+    decay, no_decay = make_optimizer(model, cfg, ctx).param_groups  # tied: no embedding group
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    untied = Transformer(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=8, tie_embeddings=False))
+    decay, no_decay, embedding = make_optimizer(untied, cfg, ctx).param_groups
+    assert embedding["params"] == [untied.transformer.wte.weight] and embedding["lr_mult"] == 15.0
+    assert embedding["weight_decay"] == 0.0 and any(p is untied.lm_head.weight for p in decay["params"])
 
 
 def test_clm_run_learns_and_saves(data_dir, tmp_path):
