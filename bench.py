@@ -160,17 +160,19 @@ class TrainBenchConfig:
     gpu_batch: int = 16  # sequences per step on CUDA
     cpu_preset: str = "tiny"  # the model measured on CPU
     cpu_batch: int = 8  # sequences per step on CPU
+    cpu_vocab: int = 8192  # vocabulary on CPU (the built-in corpus's BPE)
     out: str = "bench_out"  # where the JSON results go
 
 
-def measure_training(preset: str, batch: int, device: str, dtype, compile_model: bool, steps: int, warmup: int) -> dict:
+def measure_training(preset: str, batch: int, device: str, dtype, compile_model: bool, steps: int, warmup: int,
+                     vocab_size: int | None = None) -> dict:
     """Tokens/s and MFU of full training steps (forward, backward, AdamW) on random tokens."""
     import torch
 
     from nanofm.model import ModelConfig, Transformer, gpu_peak_flops
 
     torch.manual_seed(0)
-    cfg = ModelConfig.preset(preset)
+    cfg = ModelConfig.preset(preset, vocab_size=vocab_size)
     model = Transformer(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     step_model = torch.compile(model) if compile_model else model
@@ -210,12 +212,12 @@ def bench_train(argv) -> dict:
     import torch
 
     rows, results = [], {}
-    runs = [("cpu", cfg.cpu_preset, cfg.cpu_batch, None, False)]
+    runs = [("cpu", cfg.cpu_preset, cfg.cpu_batch, None, False, cfg.cpu_vocab)]
     if torch.cuda.is_available():
-        runs = [("cuda", cfg.gpu_preset, cfg.gpu_batch, torch.bfloat16, False),
-                ("cuda", cfg.gpu_preset, cfg.gpu_batch, torch.bfloat16, True)] + runs
-    for device, preset, batch, dtype, compiled in runs:
-        r = measure_training(preset, batch, device, dtype, compiled, cfg.steps, cfg.warmup)
+        runs = [("cuda", cfg.gpu_preset, cfg.gpu_batch, torch.bfloat16, False, None),
+                ("cuda", cfg.gpu_preset, cfg.gpu_batch, torch.bfloat16, True, None)] + runs
+    for device, preset, batch, dtype, compiled, vocab in runs:
+        r = measure_training(preset, batch, device, dtype, compiled, cfg.steps, cfg.warmup, vocab)
         name = f"{preset} {device} {'bf16' if dtype else 'fp32'} {'compiled' if compiled else 'eager'}"
         results[name] = r
         rows.append((name, f"{batch} x {r['seq']}", f"{r['ms_per_step']:.1f} ms", f"{r['tokens_per_s']:,.0f}",

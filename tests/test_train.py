@@ -199,3 +199,10 @@ def test_continue_from_a_checkpoint_records_lineage(data_dir, tmp_path):
              "--init_from", tmp_path / "a")
     meta = checkpoint.read_meta(tmp_path / "b")
     assert meta["parent"] == str(checkpoint.resolve(tmp_path / "a")) and meta["lineage"] == [meta["parent"]]
+
+
+def test_wandb_missing_is_a_warning_not_a_crash(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
+    result = pretrain("--data_dir", data_dir, "--out_dir", tmp_path / "w", "--max_iters=2", "--eval_interval=100",
+                      "--wandb_project=nanofm-test")
+    assert "wandb is not installed" in capsys.readouterr().out and result["checkpoint"]
