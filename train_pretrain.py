@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from nanofm import __version__  # noqa: E402
 from nanofm.checkpoint import CheckpointError, load_model, load_weights, read_meta, resolve  # noqa: E402
 from nanofm.config import config_to_dict, parse_config  # noqa: E402
-from nanofm.data import ShardError, TokenLoader, mask_tokens, unigram_entropy  # noqa: E402
+from nanofm.data import ShardError, TokenLoader, mask_tokens, read_header, shard_paths, unigram_entropy  # noqa: E402
 from nanofm.model import ModelConfig, Transformer  # noqa: E402
 from nanofm.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 from nanofm.train import TrainConfig, TrainingError, setup, teardown, train, wrap_model  # noqa: E402
@@ -118,8 +118,13 @@ def main(argv=None) -> dict:
         cfg.lr = 2e-3 if model.num_params() < 50e6 else 6e-4
     model, raw_model = wrap_model(model, cfg, ctx)
 
+    # a small validation split may not hold one full step of every rank: evaluate on fewer rows
+    val_tokens = sum(read_header(p)["tokens"] for p in shard_paths(cfg.data_dir, "val"))
+    val_batch = max(1, min(cfg.batch_size, (val_tokens - 1) // (ctx.world_size * seq_len)))
+
     def make_loader(split):
-        return TokenLoader(cfg.data_dir, split, cfg.batch_size, seq_len, ctx.rank, ctx.world_size, ctx.device)
+        batch = cfg.batch_size if split == "train" else val_batch
+        return TokenLoader(cfg.data_dir, split, batch, seq_len, ctx.rank, ctx.world_size, ctx.device)
 
     train_loader = make_loader("train")
     specials = sorted(tokenizer.special_tokens.values())

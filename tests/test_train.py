@@ -206,3 +206,12 @@ def test_wandb_missing_is_a_warning_not_a_crash(data_dir, tmp_path, capsys, monk
     result = pretrain("--data_dir", data_dir, "--out_dir", tmp_path / "w", "--max_iters=2", "--eval_interval=100",
                       "--wandb_project=nanofm-test")
     assert "wandb is not installed" in capsys.readouterr().out and result["checkpoint"]
+
+
+def test_a_small_validation_split_is_evaluated_with_fewer_rows(data_dir, tmp_path):
+    from nanofm.data import read_header
+    val_tokens = read_header(data_dir / "val_000000.bin")["tokens"]
+    batch = val_tokens // 32 + 4  # more rows than the validation split holds
+    result = pretrain("--data_dir", data_dir, "--out_dir", tmp_path / "v", "--max_iters=1", f"--batch_size={batch}",
+                      "--eval_interval=100")
+    assert result["val_loss"] > 0
