@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanofm import kernels
+
 PRESETS = {
     # a Llama-style model that learns text in minutes on a laptop CPU; untied embeddings, so the
     # input embeddings can take a larger learning rate (TrainConfig.embedding_lr_mult)
@@ -110,7 +112,7 @@ class RMSNorm(nn.Module):
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        return kernels.rms_norm(x, self.weight, self.eps)  # Triton on CUDA, F.rms_norm elsewhere
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -286,10 +288,15 @@ class Transformer(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, attention_mask=None, cache: KVCache | None = None):
-        """Logits [B, T, V] and, given targets (-100 = ignore), the mean cross-entropy loss."""
+        """Logits [B, T, V] and, given targets (-100 = ignore), the mean cross-entropy loss. With
+        targets on CUDA the fused kernel computes the loss and logits is None."""
         h = self.hidden_states(idx, attention_mask, cache)
         if not self.cfg.causal:
             h = self.mlm_transform(h)
+        if targets is not None and kernels.use_kernels(h):
+            # fused head + loss: the [tokens, vocab] logits are never materialised, so none are returned
+            loss = kernels.linear_cross_entropy(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1))
+            return None, loss
         logits = self.lm_head(h)
         if targets is None:
             return logits, None

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from nanofm import kernels
 from nanofm.checkpoint import load_state, save_checkpoint
 from nanofm.model import gpu_peak_flops
 
@@ -77,6 +78,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cuda | mps | cpu
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | bfloat16 | float32
     compile: str = "auto"  # auto (on for CUDA) | true | false
+    kernels: bool = True  # Triton fused kernels on CUDA (linear + cross-entropy, RMSNorm)
     seed: int = 1337  # random seed
 
     def __post_init__(self):
@@ -137,6 +139,7 @@ def setup(cfg: TrainConfig) -> Context:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     seed_everything(cfg.seed + rank)
+    kernels.set_enabled(cfg.kernels)
     return Context(device, device_type, rank, local_rank, world_size, ddp, dtype)
 
 
