@@ -61,6 +61,9 @@ class TrainConfig:
     decay_ratio: float = 0.2  # wsd: share of the steps spent decaying
     weight_decay: float = 0.1  # AdamW weight decay (matrices only)
     embedding_lr_mult: float = 15.0  # lr multiplier for untied input embeddings (each row is updated rarely)
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)
+    muon_lr: float = 0.02  # Muon's peak learning rate
+    muon_momentum: float = 0.95  # Muon's momentum
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the gradient norm; 0 disables
@@ -82,6 +85,8 @@ class TrainConfig:
     seed: int = 1337  # random seed
 
     def __post_init__(self):
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.schedule not in ("cosine", "wsd"):
             raise ValueError(f"--schedule must be cosine or wsd, got {self.schedule!r}")
         for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
@@ -189,22 +194,32 @@ def wrap_model(model: torch.nn.Module, cfg: TrainConfig, ctx: Context):
 
 # ------------------------------------------------------------------ optimizer and schedule
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, ctx: Context) -> torch.optim.Optimizer:
-    """AdamW with three groups: matrices (weight decay), vectors such as biases and norm gains (no
-    decay), and untied input embeddings (no decay, lr x embedding_lr_mult: a token's row only gets
-    a gradient when the token occurs, so it needs larger steps to keep up)."""
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, ctx: Context):
+    """AdamW groups: matrices (weight decay), vectors such as biases and norm gains (no decay),
+    and untied input embeddings (no decay, lr x embedding_lr_mult: a token's row only gets a
+    gradient when the token occurs, so it needs larger steps to keep up). With --optimizer=muon
+    the Transformer blocks' weight matrices go to Muon instead (nanofm/optim.py).
+    Every group carries base_lr, its peak learning rate, which the schedule scales."""
     embedding = getattr(getattr(model, "transformer", None), "wte", None)
     head = getattr(model, "lm_head", None)
     untied = embedding is not None and (head is None or head.weight is not embedding.weight)
-    special = {id(embedding.weight)} if untied else set()
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    muon = [p for n, p in named if cfg.optimizer == "muon" and p.dim() == 2 and ".h." in f".{n}"]
+    taken = {id(p) for p in muon} | ({id(embedding.weight)} if untied else set())
+    params = [p for _, p in named if id(p) not in taken]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2 and id(p) not in special], "weight_decay": cfg.weight_decay, "lr_mult": 1.0},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_mult": 1.0},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "base_lr": cfg.lr},
     ]
     if untied:
-        groups.append({"params": [embedding.weight], "weight_decay": 0.0, "lr_mult": cfg.embedding_lr_mult})
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=ctx.device_type == "cuda")
+        groups.append({"params": [embedding.weight], "weight_decay": 0.0, "base_lr": cfg.lr * cfg.embedding_lr_mult})
+    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                              fused=ctx.device_type == "cuda")
+    if not muon:
+        return adamw
+    from nanofm.optim import CombinedOptimizer, Muon
+    muon_opt = Muon([{"params": muon, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr, momentum=cfg.muon_momentum)
+    return CombinedOptimizer([adamw, muon_opt])
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -370,8 +385,8 @@ def train(cfg: TrainConfig, ctx: Context, model, raw_model, loss_fn: Callable, t
     t_last, tokens_last = time.perf_counter(), tokens_seen
     for step in bar:
         lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_mult"]
+        for group in optimizer.param_groups:  # the schedule scales every group's peak lr alike
+            group["lr"] = group["base_lr"] * lr / cfg.lr
         is_last = step == last_step
 
         if step % cfg.eval_interval == 0:

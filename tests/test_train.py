@@ -70,7 +70,7 @@ def test_weight_decay_only_on_matrices():
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     untied = Transformer(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=8, tie_embeddings=False))
     decay, no_decay, embedding = make_optimizer(untied, cfg, ctx).param_groups
-    assert embedding["params"] == [untied.transformer.wte.weight] and embedding["lr_mult"] == 15.0
+    assert embedding["params"] == [untied.transformer.wte.weight] and embedding["base_lr"] == 15.0 * cfg.lr
     assert embedding["weight_decay"] == 0.0 and any(p is untied.lm_head.weight for p in decay["params"])
 
 
@@ -215,3 +215,36 @@ def test_a_small_validation_split_is_evaluated_with_fewer_rows(data_dir, tmp_pat
     result = pretrain("--data_dir", data_dir, "--out_dir", tmp_path / "v", "--max_iters=1", f"--batch_size={batch}",
                       "--eval_interval=100")
     assert result["val_loss"] > 0
+
+
+def test_muon_orthogonalizes():
+    from nanofm.optim import orthogonalize
+    torch.manual_seed(0)
+    for shape in [(32, 64), (64, 32)]:
+        g = torch.randn(*shape)
+        x = orthogonalize(g)
+        singular = torch.linalg.svdvals(x)
+        assert singular.min() > 0.5 and singular.max() < 1.5  # Muon's quintic lands near 1, not on it
+        u, _, vt = torch.linalg.svd(g, full_matrices=False)
+        assert torch.nn.functional.cosine_similarity((u @ vt).flatten(), x.flatten(), dim=0) > 0.9
+
+
+def test_muon_groups_and_training(data_dir, tmp_path):
+    from nanofm.optim import CombinedOptimizer
+    cfg = TrainConfig(optimizer="muon", lr=1e-3)
+    model = Transformer(ModelConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=16, block_size=8, tie_embeddings=False))
+    optimizer = make_optimizer(model, cfg, setup(TrainConfig(device="cpu")))
+    assert isinstance(optimizer, CombinedOptimizer)
+    adamw, muon = optimizer.optimizers
+    block_matrices = {id(p) for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
+    assert {id(p) for p in muon.param_groups[0]["params"]} == block_matrices
+    assert not block_matrices & {id(p) for g in adamw.param_groups for p in g["params"]}
+    args = ["--optimizer=muon", "--data_dir", data_dir, "--max_iters=8", "--eval_interval=4"]
+    result = pretrain(*args, "--out_dir", tmp_path / "straight")
+    val = [json.loads(line)["val_loss"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+           if "val_loss" in line]
+    assert val[-1] < val[0] - 0.3 and result["checkpoint"]
+    pretrain(*args, "--out_dir", tmp_path / "split", "--stop_step=3")
+    pretrain(*args, "--out_dir", tmp_path / "split", "--init_from=resume")
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # Muon's momentum is checkpointed too
