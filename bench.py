@@ -3,6 +3,8 @@ JSON under bench_out/ (gitignored).
 
     python bench.py data      # curation steps, MinHash vs datasketch, BPE training vs rustbpe, encoding
     python bench.py train     # training tokens/s and MFU: gpt2 eager vs compiled on CUDA, tiny on CPU
+    python bench.py ttl       # time to the AdamW baseline's final validation loss: AdamW vs Muon
+    python bench.py kernels   # each Triton kernel vs eager vs torch.compile: ms and memory (CUDA)
 
 Every ratio is measured in the same run on the same inputs; nothing here is a hard-coded number.
 """
@@ -165,11 +167,14 @@ class TrainBenchConfig:
 
 
 def measure_training(preset: str, batch: int, device: str, dtype, compile_model: bool, steps: int, warmup: int,
-                     vocab_size: int | None = None) -> dict:
+                     vocab_size: int | None = None, use_kernels: bool = False) -> dict:
     """Tokens/s and MFU of full training steps (forward, backward, AdamW) on random tokens."""
     import torch
 
+    from nanofm import kernels
     from nanofm.model import ModelConfig, Transformer, gpu_peak_flops
+
+    kernels.set_enabled(use_kernels)
 
     torch.manual_seed(0)
     cfg = ModelConfig.preset(preset, vocab_size=vocab_size)
@@ -212,27 +217,130 @@ def bench_train(argv) -> dict:
     import torch
 
     rows, results = [], {}
-    runs = [("cpu", cfg.cpu_preset, cfg.cpu_batch, None, False, cfg.cpu_vocab)]
-    if torch.cuda.is_available():
-        runs = [("cuda", cfg.gpu_preset, cfg.gpu_batch, torch.bfloat16, False, None),
-                ("cuda", cfg.gpu_preset, cfg.gpu_batch, torch.bfloat16, True, None)] + runs
-    for device, preset, batch, dtype, compiled, vocab in runs:
-        r = measure_training(preset, batch, device, dtype, compiled, cfg.steps, cfg.warmup, vocab)
-        name = f"{preset} {device} {'bf16' if dtype else 'fp32'} {'compiled' if compiled else 'eager'}"
+    runs = [("cpu", cfg.cpu_preset, cfg.cpu_batch, None, False, cfg.cpu_vocab, False)]
+    if torch.cuda.is_available():  # eager, the compiled baseline (nanoGPT's setup), compiled + our kernels
+        runs = [("cuda", cfg.gpu_preset, cfg.gpu_batch, torch.bfloat16, False, None, False),
+                ("cuda", cfg.gpu_preset, cfg.gpu_batch, torch.bfloat16, True, None, False),
+                ("cuda", cfg.gpu_preset, cfg.gpu_batch, torch.bfloat16, True, None, True)] + runs
+    for device, preset, batch, dtype, compiled, vocab, use_kernels in runs:
+        r = measure_training(preset, batch, device, dtype, compiled, cfg.steps, cfg.warmup, vocab, use_kernels)
+        name = (f"{preset} {device} {'bf16' if dtype else 'fp32'} {'compiled' if compiled else 'eager'}"
+                f"{' + kernels' if use_kernels else ''}")
         results[name] = r
         rows.append((name, f"{batch} x {r['seq']}", f"{r['ms_per_step']:.1f} ms", f"{r['tokens_per_s']:,.0f}",
                      f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a",
                      f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] else "n/a"))
     names = list(results)
-    if len(names) == 3:
-        rows.append(("compiled / eager", "", "", f"{results[names[1]]['tokens_per_s'] / results[names[0]]['tokens_per_s']:.2f}x", "", ""))
+    if len(names) == 4:
+        eager, baseline, ours = (results[n]["tokens_per_s"] for n in names[:3])
+        rows.append(("compiled / eager", "", "", f"{baseline / eager:.2f}x", "", ""))
+        rows.append(("compiled + kernels / compiled baseline", "", "", f"{ours / baseline:.2f}x", "", ""))
     print(table(rows, ("model, device, precision, mode", "batch", "step", "tokens/s", "MFU", "peak memory")))
     Path(cfg.out).mkdir(exist_ok=True)
     Path(cfg.out, "train.json").write_text(json.dumps(results, indent=1))
     return results
 
 
-BENCHMARKS = {"data": bench_data, "train": bench_train}
+@dataclass
+class TimeToLossConfig:
+    max_iters: int = 600  # steps of the AdamW baseline (the default CPU run)
+    eval_interval: int = 25  # evaluate this often to see when the target is crossed
+    data_dir: str = "data/default"  # token shards
+    out: str = "bench_out"  # runs and JSON results go here
+
+
+def bench_ttl(argv) -> dict:
+    """Wall time (training only, evaluations excluded) to reach the AdamW baseline's final
+    validation loss, for AdamW and for Muon, with the same model, data and schedule."""
+    cfg = parse_config(TimeToLossConfig, argv)
+    import train_pretrain
+
+    runs, results = {}, {}
+    for name in ("adamw", "muon"):
+        out_dir = Path(cfg.out) / f"ttl_{name}"
+        train_pretrain.main([f"--optimizer={name}", f"--max_iters={cfg.max_iters}", f"--eval_interval={cfg.eval_interval}",
+                             f"--data_dir={cfg.data_dir}", f"--out_dir={out_dir}", "--sample_tokens=0",
+                             "--checkpoint_interval=100000"])
+        runs[name] = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+    target = runs["adamw"][-1]["val_loss"]
+    rows = []
+    for name, evals in runs.items():
+        reached = next((r for r in evals if r["val_loss"] <= target), None)
+        results[name] = {"final_val_loss": evals[-1]["val_loss"], "target": target,
+                         "seconds_to_target": reached["train_seconds"] if reached else None,
+                         "step_at_target": reached["step"] if reached else None,
+                         "total_seconds": evals[-1]["train_seconds"]}
+        rows.append((name, f"{evals[-1]['val_loss']:.4f}", f"{reached['step']}" if reached else "not reached",
+                     f"{reached['train_seconds']:.0f} s" if reached else "-", f"{evals[-1]['train_seconds']:.0f} s"))
+    ratio = (results["muon"]["seconds_to_target"] or float("nan")) / results["adamw"]["seconds_to_target"]
+    results["muon_over_adamw"] = ratio
+    print(table(rows, ("optimizer", "final val loss", f"step reaching {target:.4f}", "time to it", "total time")))
+    print(f"Muon reaches the AdamW baseline's final loss in {100 * ratio:.0f}% of AdamW's time")
+    Path(cfg.out, "ttl.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+@dataclass
+class KernelBenchConfig:
+    tokens: int = 16384  # rows of the LM head + cross-entropy benchmark
+    width: int = 768  # model width
+    vocab: int = 50304  # vocabulary
+    repeats: int = 10  # timed repeats (best of)
+    out: str = "bench_out"  # where the JSON results go
+
+
+def bench_kernels(argv) -> dict:
+    """Each kernel vs eager PyTorch vs torch.compile: ms per forward+backward and peak extra memory."""
+    cfg = parse_config(KernelBenchConfig, argv)
+    import torch
+
+    from nanofm.kernels import linear_cross_entropy, linear_cross_entropy_reference, rms_norm, rms_norm_reference
+
+    if not torch.cuda.is_available():
+        print("bench.py kernels needs a CUDA GPU (the kernels run only there; the CPU tests use the interpreter)")
+        return {}
+    torch.manual_seed(0)
+    h = torch.randn(cfg.tokens, cfg.width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(cfg.vocab, cfg.width, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_(True)
+    targets = torch.randint(0, cfg.vocab, (cfg.tokens,), device="cuda")
+    x = torch.randn(cfg.tokens, cfg.width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.ones(cfg.width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    compiled_ce = torch.compile(linear_cross_entropy_reference)
+    compiled_norm = torch.compile(rms_norm_reference)
+    cases = {
+        "lm head + CE: eager PyTorch": lambda: linear_cross_entropy_reference(h, w, targets),
+        "lm head + CE: torch.compile": lambda: compiled_ce(h, w, targets),
+        "lm head + CE: nanofm Triton": lambda: linear_cross_entropy(h, w, targets),
+        "RMSNorm: eager PyTorch": lambda: rms_norm_reference(x, g, 1e-5).float().sum(),
+        "RMSNorm: torch.compile": lambda: compiled_norm(x, g, 1e-5).float().sum(),
+        "RMSNorm: nanofm Triton": lambda: rms_norm(x, g, 1e-5, use_triton=True).float().sum(),
+    }
+    rows, results = [], {}
+    for name, fn in cases.items():
+        for _ in range(3):  # warm up (and compile)
+            fn().backward()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(cfg.repeats):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn().backward()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        extra = (torch.cuda.max_memory_allocated() - base) / 2**30
+        results[name] = {"ms": min(times), "extra_gib": extra}
+        rows.append((name, f"{min(times):.2f} ms", f"{extra:.2f} GiB"))
+    print(table(rows, (f"forward + backward ({cfg.tokens} x {cfg.width} -> {cfg.vocab}, bf16)", "time", "extra memory")))
+    Path(cfg.out).mkdir(exist_ok=True)
+    Path(cfg.out, "kernels.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+BENCHMARKS = {"data": bench_data, "train": bench_train, "ttl": bench_ttl, "kernels": bench_kernels}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:

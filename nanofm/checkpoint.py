@@ -43,8 +43,9 @@ def resolve(path: str | Path) -> Path:
     raise CheckpointError(f"no checkpoint at {path} (expected model.pt, or a run directory with a 'latest' file)")
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, meta: dict, state: dict | None = None,
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module | dict, meta: dict, state: dict | None = None,
                     tokenizer_path: str | Path | None = None, keep: int = 3) -> Path:
+    """Write a checkpoint of `model` (a module, or its full state dict, e.g. gathered from FSDP)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in run_dir.glob(".tmp-*"):  # left by a crash during an earlier save
@@ -52,7 +53,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, meta
     final = run_dir / f"ckpt_{step:07d}"
     tmp = run_dir / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
-    torch.save(model.state_dict(), tmp / "model.pt")
+    torch.save(model if isinstance(model, dict) else model.state_dict(), tmp / "model.pt")
     (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")},
                                               indent=1, default=str))
     if tokenizer_path is not None:

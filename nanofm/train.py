@@ -82,9 +82,12 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | bfloat16 | float32
     compile: str = "auto"  # auto (on for CUDA) | true | false
     kernels: bool = True  # Triton fused kernels on CUDA (linear + cross-entropy, RMSNorm)
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     seed: int = 1337  # random seed
 
     def __post_init__(self):
+        if self.fsdp and self.optimizer == "muon":
+            raise ValueError("--optimizer=muon needs whole weight matrices; it does not combine with --fsdp")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.schedule not in ("cosine", "wsd"):
@@ -110,6 +113,7 @@ class Context:
     world_size: int
     ddp: bool
     dtype: torch.dtype
+    fsdp: bool = False
 
     @property
     def master(self) -> bool:
@@ -143,9 +147,11 @@ def setup(cfg: TrainConfig) -> Context:
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    seed_everything(cfg.seed + rank)
+    seed_everything(cfg.seed)  # the same on every rank, so every rank builds the same initial model
     kernels.set_enabled(cfg.kernels)
-    return Context(device, device_type, rank, local_rank, world_size, ddp, dtype)
+    if cfg.fsdp and not ddp:
+        raise ValueError("--fsdp shards the model across processes: start it with torchrun --nproc_per_node=N")
+    return Context(device, device_type, rank, local_rank, world_size, ddp, dtype, fsdp=cfg.fsdp)
 
 
 def teardown(ctx: Context) -> None:
@@ -185,6 +191,13 @@ def wrap_model(model: torch.nn.Module, cfg: TrainConfig, ctx: Context):
     """(the model to train: compiled and/or DDP-wrapped, the plain model to save and sample)"""
     raw_model = model.to(ctx.device)
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and ctx.device_type == "cuda")
+    if ctx.fsdp:  # each block is a unit that is gathered for its forward/backward, then freed
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy(param_dtype=ctx.dtype, reduce_dtype=torch.float32)
+        for block in raw_model.transformer.h:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(raw_model, mp_policy=policy)
+        return (torch.compile(raw_model) if use_compile else raw_model), raw_model
     model = torch.compile(raw_model) if use_compile else raw_model
     if ctx.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -325,9 +338,15 @@ def train(cfg: TrainConfig, ctx: Context, model, raw_model, loss_fn: Callable, t
     out_dir = Path(out_dir)
     optimizer = make_optimizer(raw_model, cfg, ctx)
     start_step, tokens_seen = 0, 0
+    seed_everything(cfg.seed + ctx.rank)  # from here on each rank draws its own dropout masks
     if resume_from is not None:
         state = load_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        if ctx.fsdp:  # every rank reads the full state and keeps its own shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(raw_model, optimizer, optim_state_dict=state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         train_loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"][ctx.rank] if isinstance(state["rng"], list) else state["rng"])
         start_step, tokens_seen = state["step"] + 1, state["tokens_seen"]
@@ -351,11 +370,19 @@ def train(cfg: TrainConfig, ctx: Context, model, raw_model, loss_fn: Callable, t
             gathered = [None] * ctx.world_size if ctx.master else None
             dist.gather_object(states[0], gathered, dst=0)
             states = gathered
+        if ctx.fsdp:  # gather the full model and optimizer state (a collective: every rank takes part)
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state = get_model_state_dict(raw_model, options=options)
+            optimizer_state = get_optimizer_state_dict(raw_model, optimizer, options=options)
+        else:
+            model_state, optimizer_state = raw_model.state_dict(), optimizer.state_dict()
         if not ctx.master:
             return None
-        state = {"optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(), "rng": states,
+        state = {"optimizer": optimizer_state, "loader": train_loader.state_dict(), "rng": states,
                  "step": step, "tokens_seen": tokens_seen}
-        return save_checkpoint(out_dir, step, raw_model, {**meta, "tokens_seen": tokens_seen, "metrics": metrics},
+        return save_checkpoint(out_dir, step, model_state, {**meta, "tokens_seen": tokens_seen, "metrics": metrics},
                                state, tokenizer_path, cfg.keep_checkpoints)
 
     def check_loss(step: int) -> None:
@@ -365,15 +392,17 @@ def train(cfg: TrainConfig, ctx: Context, model, raw_model, loss_fn: Callable, t
                                 f"Try a lower --lr, a longer --warmup_iters or --grad_clip=1.")
 
     paused = {"seconds": 0.0}  # evaluation time, kept out of tokens/s
+    clock = {"train_seconds": 0.0}  # training time so far without evaluations (for time-to-loss)
 
     def run_eval(step: int) -> None:
         start = time.perf_counter()
         val_loss, bpb = evaluate(model, loss_fn, make_val_loader, cfg.eval_iters, ctx, token_bytes)
         metrics.update(val_loss=val_loss, val_bpb=bpb)
-        record = {"step": step, "val_loss": val_loss, "val_bpb": bpb, "tokens_seen": tokens_seen}
+        record = {"step": step, "val_loss": val_loss, "val_bpb": bpb, "tokens_seen": tokens_seen,
+                  "train_seconds": round(clock["train_seconds"] + start - t_last - paused["seconds"], 3)}
         message = f"step {step}: val loss {val_loss:.4f}" + (f", {bpb:.4f} bits/byte" if bpb else "")
-        if sample_fn is not None and ctx.master and cfg.sample_tokens > 0:
-            record["sample"] = sample_fn(raw_model, cfg.sample_tokens)
+        if sample_fn is not None and (ctx.master or ctx.fsdp) and cfg.sample_tokens > 0:
+            record["sample"] = sample_fn(raw_model, cfg.sample_tokens)  # FSDP: every rank runs the forwards
             message += f"\n--- sample ---\n{record['sample']}\n--------------"
         if ctx.master:
             tqdm.write(message)
@@ -396,7 +425,9 @@ def train(cfg: TrainConfig, ctx: Context, model, raw_model, loss_fn: Callable, t
         for micro in range(cfg.grad_accum):
             batch = train_loader.next_batch()
             sync = not ctx.ddp or micro == cfg.grad_accum - 1
-            with (contextlib.nullcontext() if sync else model.no_sync()), ctx.autocast():
+            if ctx.fsdp:
+                raw_model.set_requires_gradient_sync(sync)
+            with (contextlib.nullcontext() if sync or ctx.fsdp else model.no_sync()), ctx.autocast():
                 loss = loss_fn(model, batch, step * cfg.grad_accum + micro) / cfg.grad_accum
             loss.backward()
             bad_loss |= ~torch.isfinite(loss.detach())
@@ -416,6 +447,7 @@ def train(cfg: TrainConfig, ctx: Context, model, raw_model, loss_fn: Callable, t
             loss_sum.zero_()
             loss_steps = 0
             elapsed = time.perf_counter() - t_last - paused["seconds"]
+            clock["train_seconds"] += elapsed
             tok_s = (tokens_seen - tokens_last) / max(elapsed, 1e-9)
             t_last, tokens_last, paused["seconds"] = time.perf_counter(), tokens_seen, 0.0
             mfu = flops_per_token * tok_s / (peak * ctx.world_size) if peak else None
@@ -423,6 +455,7 @@ def train(cfg: TrainConfig, ctx: Context, model, raw_model, loss_fn: Callable, t
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}",
                             **({"mfu": f"{100 * mfu:.1f}%"} if mfu else {}))
             logger.log({"step": step, "train_loss": train_loss, "lr": lr, "tokens_seen": tokens_seen,
+                        "train_seconds": round(clock["train_seconds"], 3),
                         "tokens_per_second": tok_s, **({"mfu": mfu} if mfu else {})})
 
         if is_last:  # the final model's numbers, measured after its last update

@@ -248,3 +248,17 @@ def test_muon_groups_and_training(data_dir, tmp_path):
     pretrain(*args, "--out_dir", tmp_path / "split", "--init_from=resume")
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)  # Muon's momentum is checkpointed too
+
+
+def test_fsdp_two_processes_equal_one_with_double_accumulation_across_a_resume(data_dir, tmp_path):
+    common = ["--data_dir", data_dir, "--max_iters=4", "--eval_interval=100", "--batch_size=2", "--sample_tokens=0"]
+    code, log = run_script(*common, "--grad_accum=2", "--out_dir", tmp_path / "one")
+    assert code == 0, log
+    code, log = run_script(*common, "--fsdp", "--out_dir", tmp_path / "two", "--stop_step=1", torchrun=True)
+    assert code == 0, log
+    code, log = run_script(*common, "--fsdp", "--out_dir", tmp_path / "two", "--init_from=resume", torchrun=True)
+    assert code == 0, log
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert set(a) == set(b) and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    code, log = run_script("--fsdp", "--data_dir", data_dir, "--max_iters=1")
+    assert code == 1 and "torchrun" in log
