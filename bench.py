@@ -244,7 +244,9 @@ def bench_train(argv) -> dict:
 @dataclass
 class TimeToLossConfig:
     max_iters: int = 600  # steps of the AdamW baseline (the default CPU run)
+    muon_iters: int = 0  # length of Muon's schedule (0 = max_iters): a shorter run can arrive sooner
     eval_interval: int = 25  # evaluate this often to see when the target is crossed
+    reuse_baseline: bool = False  # take the AdamW run from an earlier call (same settings) instead of rerunning it
     data_dir: str = "data/default"  # token shards
     out: str = "bench_out"  # runs and JSON results go here
 
@@ -258,9 +260,11 @@ def bench_ttl(argv) -> dict:
     runs, results = {}, {}
     for name in ("adamw", "muon"):
         out_dir = Path(cfg.out) / f"ttl_{name}"
-        train_pretrain.main([f"--optimizer={name}", f"--max_iters={cfg.max_iters}", f"--eval_interval={cfg.eval_interval}",
-                             f"--data_dir={cfg.data_dir}", f"--out_dir={out_dir}", "--sample_tokens=0",
-                             "--checkpoint_interval=100000"])
+        iters = cfg.muon_iters if name == "muon" and cfg.muon_iters else cfg.max_iters
+        if not (name == "adamw" and cfg.reuse_baseline and (out_dir / "metrics.jsonl").exists()):
+            train_pretrain.main([f"--optimizer={name}", f"--max_iters={iters}", f"--eval_interval={cfg.eval_interval}",
+                                 f"--data_dir={cfg.data_dir}", f"--out_dir={out_dir}", "--sample_tokens=0",
+                                 "--checkpoint_interval=100000"])
         runs[name] = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
     target = runs["adamw"][-1]["val_loss"]
     rows = []
