@@ -131,7 +131,10 @@ class LinearCrossEntropy(torch.autograd.Function):
                 logits = h_c[rows] @ w_c.t()  # [chunk, vocab]: the only logits that ever exist
                 total += cross_entropy_rows_(logits, targets[rows].contiguous(), ignore_index, scale).sum()
                 dh[rows] = logits @ w_c  # logits now hold the gradient
-                dw.addmm_(logits.t().float() if compute_dtype != torch.float32 else logits.t(), h_c[rows].float())
+                if compute_dtype == torch.float32:
+                    dw.addmm_(logits.t(), h_c[rows])
+                else:  # a bf16 matmul per chunk, summed in fp32 (no fp32 copy of the chunk's logits)
+                    dw += (logits.t() @ h_c[rows]).float()
         ctx.save_for_backward(dh, dw)
         ctx.dtypes = (h.dtype, weight.dtype)
         return total * scale
@@ -144,7 +147,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 @torch.compiler.disable
 def linear_cross_entropy(h, weight, targets, ignore_index: int = -100, reduction: str = "mean",
-                         chunk_size: int = 4096, use_triton: bool | None = None):
+                         chunk_size: int = 2048, use_triton: bool | None = None):
     """Cross-entropy of (h @ weight^T) against targets; h [N, D], weight [V, D], targets [N]."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be mean or sum, got {reduction!r}")

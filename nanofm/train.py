@@ -33,6 +33,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -410,7 +411,8 @@ def train(cfg: TrainConfig, ctx: Context, model, raw_model, loss_fn: Callable, t
         paused["seconds"] += time.perf_counter() - start
 
     bar = tqdm(range(start_step, last_step + 1), initial=start_step, total=last_step + 1, desc="train",
-               disable=not ctx.master, dynamic_ncols=True)
+               disable=not ctx.master, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s, not every step
     t_last, tokens_last = time.perf_counter(), tokens_seen
     for step in bar:
         lr = lr_at(step, cfg)
@@ -452,7 +454,7 @@ def train(cfg: TrainConfig, ctx: Context, model, raw_model, loss_fn: Callable, t
             t_last, tokens_last, paused["seconds"] = time.perf_counter(), tokens_seen, 0.0
             mfu = flops_per_token * tok_s / (peak * ctx.world_size) if peak else None
             metrics.update(train_loss=train_loss, tokens_per_second=tok_s, mfu=mfu)
-            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}",
+            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}", refresh=False,
                             **({"mfu": f"{100 * mfu:.1f}%"} if mfu else {}))
             logger.log({"step": step, "train_loss": train_loss, "lr": lr, "tokens_seen": tokens_seen,
                         "train_seconds": round(clock["train_seconds"], 3),
