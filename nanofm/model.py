@@ -5,6 +5,7 @@
     logits, loss = model(idx, targets)                  # idx [B, T] token ids
     out = model.generate(prompt, max_new_tokens=50, temperature=0.8, top_k=50)
     python -m nanofm.model --preset gpt2                # parameters and FLOPs of a preset
+    python -m nanofm.model --sizing --budget_gpu_hours 100   # a shape and token count for a budget
 
 Design decisions:
 - Names follow GPT-2's checkpoint (transformer.wte, .wpe, .h[i].attn.c_attn, .mlp.c_fc, .ln_f,
@@ -50,7 +51,7 @@ PRESETS = {
 }
 
 # dense bf16 peak FLOP/s per GPU, for MFU
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
 @dataclass
@@ -377,12 +378,38 @@ def describe(cfg: ModelConfig, seq_len: int | None = None) -> dict:
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="parameters and FLOPs of the presets")
+    parser = argparse.ArgumentParser(description="presets, and model sizing for a compute budget (--sizing)")
     parser.add_argument("--preset", default=None, choices=list(PRESETS))
     parser.add_argument("--vocab_size", type=int, default=None, help="vocabulary (default: the preset's, else 50304)")
+    parser.add_argument("--sizing", action="store_true", help="memory, tokens and wall time for a shape, or a budget")
+    for name in ("n_layer", "n_head", "n_embd", "block_size"):
+        parser.add_argument(f"--{name}", type=int, default=None, help="override the preset's shape")
+    parser.add_argument("--batch_size", type=int, default=16, help="sequences per GPU per micro-step")
+    parser.add_argument("--gpus", type=int, default=8, help="number of GPUs")
+    parser.add_argument("--gpu", default="H100", choices=list(PEAK_FLOPS), help="GPU kind (sets the peak FLOP/s)")
+    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume")
+    parser.add_argument("--tokens", type=float, default=None, help="training tokens (default: 20 per parameter)")
+    parser.add_argument("--budget_gpu_hours", type=float, default=None, help="recommend a shape for this budget")
+    parser.add_argument("--gpu_memory_gib", type=float, default=80, help="memory per GPU, for the recommendation")
     args = parser.parse_args()
-    for name in [args.preset] if args.preset else PRESETS:
-        cfg = ModelConfig.preset(name, vocab_size=args.vocab_size)
-        info = describe(cfg)
-        print(f"{name:12s} {cfg.n_layer:3d} layers x {cfg.n_embd:5d} wide, context {cfg.block_size:5d}, vocab {cfg.vocab_size:6d}: "
-              f"{info['params'] / 1e6:8.1f}M params, {info['flops_per_token'] / 1e9:6.2f} GFLOP/token")
+    if not 0 < args.mfu <= 1:
+        parser.error(f"--mfu must be in (0, 1], got {args.mfu}")
+    if args.sizing:
+        from nanofm import sizing
+        if args.budget_gpu_hours is not None:
+            if args.budget_gpu_hours <= 0:
+                parser.error("--budget_gpu_hours must be positive")
+            lines = sizing.recommend(args.budget_gpu_hours, args.gpu, args.mfu, args.gpu_memory_gib,
+                                     args.vocab_size or 50304, args.block_size or 1024, args.batch_size)
+        else:
+            cfg = ModelConfig.preset(args.preset or "gpt2", vocab_size=args.vocab_size, n_layer=args.n_layer,
+                                     n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size)
+            lines = sizing.report(cfg, args.batch_size, args.gpus, args.gpu, args.mfu, args.tokens)
+        print("\n".join(lines))
+    else:
+        for name in [args.preset] if args.preset else PRESETS:
+            cfg = ModelConfig.preset(name, vocab_size=args.vocab_size)
+            info = describe(cfg)
+            print(f"{name:12s} {cfg.n_layer:3d} layers x {cfg.n_embd:5d} wide, context {cfg.block_size:5d}, "
+                  f"vocab {cfg.vocab_size:6d}: {info['params'] / 1e6:8.1f}M params, "
+                  f"{info['flops_per_token'] / 1e9:6.2f} GFLOP/token")
