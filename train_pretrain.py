@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 from nanofm import __version__  # noqa: E402
 from nanofm.checkpoint import CheckpointError, load_model, load_weights, read_meta, resolve  # noqa: E402
 from nanofm.config import config_to_dict, parse_config  # noqa: E402
-from nanofm.data import ShardError, TokenLoader, mask_tokens, read_header, shard_paths, unigram_entropy  # noqa: E402
+from nanofm.data import (MixedLoader, ShardError, TokenLoader, mask_tokens, read_header, shard_paths,  # noqa: E402
+                         unigram_entropy)
 from nanofm.model import ModelConfig, Transformer  # noqa: E402
 from nanofm.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 from nanofm.train import TrainConfig, TrainingError, setup, teardown, train, wrap_model  # noqa: E402
@@ -45,6 +46,9 @@ class PretrainConfig(TrainConfig):
     init_from: str = "scratch"  # scratch | resume (the latest checkpoint in out_dir) | a checkpoint directory
     seq_len: int = 0  # tokens per sequence; 0 = the model's context length
     mask_prob: float = 0.15  # MLM: share of tokens chosen for prediction
+    replay_dir: str = ""  # continued pretraining: old data (same tokenizer) mixed into every batch
+    replay_ratio: float = 0.0  # share of each batch's rows taken from --replay_dir, in [0, 1)
+    eval_dirs: list[str] = field(default_factory=list)  # more data dirs whose val split is evaluated too (old domains)
     # model overrides (none = the preset's value)
     n_layer: Optional[int] = None  # Transformer blocks
     n_head: Optional[int] = None  # attention heads
@@ -58,6 +62,13 @@ class PretrainConfig(TrainConfig):
             raise ValueError(f"--objective must be clm or mlm, got {self.objective!r}")
         if not 0 < self.mask_prob < 1:
             raise ValueError(f"--mask_prob must be between 0 and 1, got {self.mask_prob}")
+        if not 0 <= self.replay_ratio < 1:
+            raise ValueError(f"--replay_ratio must be in [0, 1), got {self.replay_ratio}")
+        if self.replay_ratio > 0 and not self.replay_dir:
+            raise ValueError("--replay_ratio needs --replay_dir (the old data to replay)")
+        if self.replay_ratio > 0 and round(self.replay_ratio * self.batch_size) in (0, self.batch_size):
+            raise ValueError(f"--replay_ratio {self.replay_ratio} x --batch_size {self.batch_size} must leave at least "
+                             f"one row for each of the new and the replayed data")
 
 
 def ensure_data(cfg: PretrainConfig, master: bool) -> None:
@@ -102,6 +113,22 @@ def build_model(cfg: PretrainConfig, tokenizer: Tokenizer, device_type: str) -> 
     return model, meta, str(source)
 
 
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    return (a.name, a.merges, a.special_tokens, a.pattern) == (b.name, b.merges, b.special_tokens, b.pattern)
+
+
+def check_tokenizers(cfg: PretrainConfig, tokenizer: Tokenizer, parent: str | None) -> None:
+    """Every data source and the starting checkpoint must share one tokenizer: ids mean nothing across two."""
+    if parent and (Path(parent) / "tokenizer.json").exists() and not same_tokenizer(Tokenizer.load(parent), tokenizer):
+        raise TokenizerError(f"{cfg.data_dir} was tokenized with another tokenizer than the checkpoint {parent}; "
+                             f"prepare it again with: python data/prepare.py --tokenizer {parent}/tokenizer.json "
+                             f"--out {cfg.data_dir} --force ...")
+    for other in ([cfg.replay_dir] if cfg.replay_dir else []) + list(cfg.eval_dirs):
+        if not same_tokenizer(Tokenizer.load(other), tokenizer):
+            raise TokenizerError(f"{other} and {cfg.data_dir} use different tokenizers; prepare one with the other's: "
+                                 f"python data/prepare.py --tokenizer {cfg.data_dir}/tokenizer.json --out {other} ...")
+
+
 def main(argv=None) -> dict:
     cfg = parse_config(PretrainConfig, argv, description=__doc__.split("\n\n")[0])
     ctx = setup(cfg)
@@ -110,6 +137,7 @@ def main(argv=None) -> dict:
         torch.distributed.barrier()  # the other ranks wait for the data
     tokenizer = Tokenizer.load(cfg.data_dir)
     model, parent_meta, parent = build_model(cfg, tokenizer, ctx.device_type)
+    check_tokenizers(cfg, tokenizer, parent)
     mcfg = model.cfg
     seq_len = cfg.seq_len or mcfg.block_size
     if seq_len > mcfg.block_size:
@@ -118,15 +146,26 @@ def main(argv=None) -> dict:
         cfg.lr = 2e-3 if model.num_params() < 50e6 else 6e-4
     model, raw_model = wrap_model(model, cfg, ctx)
 
-    # a small validation split may not hold one full step of every rank: evaluate on fewer rows
-    val_tokens = sum(read_header(p)["tokens"] for p in shard_paths(cfg.data_dir, "val"))
-    val_batch = max(1, min(cfg.batch_size, (val_tokens - 1) // (ctx.world_size * seq_len)))
+    def val_batch_for(data_dir):  # a small validation split may not hold a full step: evaluate on fewer rows
+        val_tokens = sum(read_header(p)["tokens"] for p in shard_paths(data_dir, "val"))
+        return max(1, min(cfg.batch_size, (val_tokens - 1) // (ctx.world_size * seq_len)))
+
+    val_batch = val_batch_for(cfg.data_dir)
 
     def make_loader(split):
         batch = cfg.batch_size if split == "train" else val_batch
         return TokenLoader(cfg.data_dir, split, batch, seq_len, ctx.rank, ctx.world_size, ctx.device)
 
     train_loader = make_loader("train")
+    if cfg.replay_ratio > 0:  # some rows of every batch from the old data
+        replay_rows = round(cfg.replay_ratio * cfg.batch_size)
+        train_loader = MixedLoader(
+            TokenLoader(cfg.data_dir, "train", cfg.batch_size - replay_rows, seq_len, ctx.rank, ctx.world_size, ctx.device),
+            TokenLoader(cfg.replay_dir, "train", replay_rows, seq_len, ctx.rank, ctx.world_size, ctx.device))
+    extra_evals = {}
+    for extra in dict.fromkeys(([cfg.replay_dir] if cfg.replay_dir else []) + list(cfg.eval_dirs)):
+        extra_evals[Path(extra).name] = (lambda d=extra: TokenLoader(d, "val", val_batch_for(d), seq_len, ctx.rank,
+                                                                      ctx.world_size, ctx.device))
     specials = sorted(tokenizer.special_tokens.values())
 
     def loss_fn(model, batch, step, reduction="mean"):
@@ -161,7 +200,7 @@ def main(argv=None) -> dict:
     resume_from = parent if cfg.init_from == "resume" else None
     result = train(cfg, ctx, model, raw_model, loss_fn, train_loader, lambda: make_loader("val"), cfg.out_dir, meta,
                    tokens_per_step, tokenizer, Path(cfg.data_dir) / "tokenizer.json", resume_from,
-                   sample_fn if mcfg.causal else None)
+                   sample_fn if mcfg.causal else None, extra_evals)
     if ctx.master:
         entropy = unigram_entropy(cfg.data_dir)
         result["unigram_entropy"] = entropy

@@ -227,3 +227,26 @@ def unigram_entropy(data_dir, split: str = "train") -> float:
         counts = c if counts is None else np.pad(counts, (0, max(0, len(c) - len(counts)))) + np.pad(c, (0, max(0, len(counts) - len(c))))
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+class MixedLoader:
+    """Batches that mix two token sources row-wise: `replay_rows` rows of every batch come from
+    the old data (replay, against forgetting), the rest from the new. Both positions are saved."""
+
+    def __init__(self, new: TokenLoader, old: TokenLoader):
+        self.new, self.old = new, old
+
+    def next_batch(self):
+        import torch
+
+        (x_new, y_new), (x_old, y_old) = self.new.next_batch(), self.old.next_batch()
+        return torch.cat([x_new, x_old]), torch.cat([y_new, y_old])
+
+    def state_dict(self) -> dict:
+        return {"new": self.new.state_dict(), "old": self.old.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "new" not in state:
+            raise ShardError("the checkpoint's data position has no replay part: resume with the same --replay_ratio")
+        self.new.load_state_dict(state["new"])
+        self.old.load_state_dict(state["old"])

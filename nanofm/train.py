@@ -333,7 +333,8 @@ def evaluate(model, loss_fn, make_val_loader, eval_iters: int, ctx: Context, tok
 
 def train(cfg: TrainConfig, ctx: Context, model, raw_model, loss_fn: Callable, train_loader, make_val_loader: Callable,
           out_dir: str | Path, meta: dict, tokens_per_step: int, tokenizer=None, tokenizer_path=None,
-          resume_from: str | Path | None = None, sample_fn: Callable | None = None) -> dict:
+          resume_from: str | Path | None = None, sample_fn: Callable | None = None,
+          extra_evals: dict[str, Callable] | None = None) -> dict:
     """Run the loop. `meta` goes into every checkpoint's meta.json (model config, stage, config, ...).
     Returns the final metrics."""
     out_dir = Path(out_dir)
@@ -402,6 +403,11 @@ def train(cfg: TrainConfig, ctx: Context, model, raw_model, loss_fn: Callable, t
         record = {"step": step, "val_loss": val_loss, "val_bpb": bpb, "tokens_seen": tokens_seen,
                   "train_seconds": round(clock["train_seconds"] + start - t_last - paused["seconds"], 3)}
         message = f"step {step}: val loss {val_loss:.4f}" + (f", {bpb:.4f} bits/byte" if bpb else "")
+        for name, make_loader in (extra_evals or {}).items():  # other domains' validation data (forgetting)
+            extra_loss, extra_bpb = evaluate(model, loss_fn, make_loader, cfg.eval_iters, ctx, token_bytes)
+            record[f"val_loss_{name}"], record[f"val_bpb_{name}"] = extra_loss, extra_bpb
+            metrics[f"val_loss_{name}"] = extra_loss
+            message += f"; {name}: {extra_loss:.4f}"
         if sample_fn is not None and (ctx.master or ctx.fsdp) and cfg.sample_tokens > 0:
             record["sample"] = sample_fn(raw_model, cfg.sample_tokens)  # FSDP: every rank runs the forwards
             message += f"\n--- sample ---\n{record['sample']}\n--------------"

@@ -262,3 +262,49 @@ def test_fsdp_two_processes_equal_one_with_double_accumulation_across_a_resume(d
     assert set(a) == set(b) and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     code, log = run_script("--fsdp", "--data_dir", data_dir, "--max_iters=1")
     assert code == 1 and "torchrun" in log
+
+
+@pytest.fixture(scope="module")
+def other_data(data_dir, tmp_path_factory):
+    """A second domain tokenized with data_dir's tokenizer, and one with a tokenizer of its own."""
+    base = tmp_path_factory.mktemp("other")
+    src = base / "src"
+    src.mkdir()
+    for i in range(30):
+        (src / f"doc{i}.txt").write_text(markov(5000 + i, successors=3))
+    dirs = {}
+    for name, tokenizer in (("same", str(data_dir / "tokenizer.json")), ("own", "bpe")):
+        result = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "--input", str(src), "--out",
+                                 str(base / name), "--tokenizer", tokenizer, "--vocab_size=530", "--val_fraction=0.1",
+                                 "--languages=", "--progress=false", "--num_workers=1"], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        dirs[name] = base / name
+    return dirs
+
+
+def test_continued_pretraining_with_replay(data_dir, other_data, tmp_path):
+    pretrain("--data_dir", data_dir, "--out_dir", tmp_path / "base", "--max_iters=6", "--eval_interval=100")
+    args = ["--data_dir", other_data["same"], "--init_from", tmp_path / "base", "--replay_dir", data_dir,
+            "--replay_ratio=0.5", "--max_iters=6", "--eval_interval=3"]
+    result = pretrain(*args, "--out_dir", tmp_path / "straight")
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    old_domain = [r[f"val_loss_{data_dir.name}"] for r in records if "val_loss" in r]
+    assert len(old_domain) == 3 and all(v > 0 for v in old_domain) and f"val_loss_{data_dir.name}" in result
+    meta = checkpoint.read_meta(tmp_path / "straight")
+    assert meta["parent"].endswith("ckpt_0000005") and meta["config"]["replay_ratio"] == 0.5
+    pretrain(*args, "--out_dir", tmp_path / "split", "--stop_step=2")
+    pretrain(*args, "--out_dir", tmp_path / "split", "--init_from=resume")
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # both data positions are restored
+
+
+def test_continued_pretraining_errors(data_dir, other_data, tmp_path):
+    pretrain("--data_dir", data_dir, "--out_dir", tmp_path / "base", "--max_iters=2", "--eval_interval=100")
+    code, log = run_script("--data_dir", other_data["own"], "--init_from", tmp_path / "base", "--max_iters=1")
+    assert code == 1 and "another tokenizer than the checkpoint" in log and "--tokenizer" in log
+    code, log = run_script("--data_dir", data_dir, "--replay_dir", other_data["own"], "--replay_ratio=0.5", "--max_iters=1")
+    assert code == 1 and "use different tokenizers" in log
+    code, log = run_script("--data_dir", data_dir, "--replay_dir", data_dir, "--replay_ratio=1.0")
+    assert code == 2 and "--replay_ratio must be in [0, 1)" in log
+    code, log = run_script("--data_dir", data_dir, "--replay_ratio=0.3")
+    assert code == 2 and "needs --replay_dir" in log
