@@ -5,6 +5,7 @@ JSON under bench_out/ (gitignored).
     python bench.py train     # training tokens/s and MFU: gpt2 eager vs compiled on CUDA, tiny on CPU
     python bench.py ttl       # time to the AdamW baseline's final validation loss: AdamW vs Muon
     python bench.py kernels   # each Triton kernel vs eager vs torch.compile: ms and memory (CUDA)
+    python bench.py forgetting  # continued pretraining: new-domain gain, old-domain forgetting, replay
 
 Every ratio is measured in the same run on the same inputs; nothing here is a hard-coded number.
 """
@@ -344,7 +345,77 @@ def bench_kernels(argv) -> dict:
     return results
 
 
-BENCHMARKS = {"data": bench_data, "train": bench_train, "ttl": bench_ttl, "kernels": bench_kernels}
+@dataclass
+class ForgettingConfig:
+    base_iters: int = 300  # steps of pretraining on the old domain
+    continue_iters: int = 200  # steps of continued pretraining on the new domain
+    replay_ratio: float = 0.25  # share of each batch replayed from the old domain in the second run
+    old_domain: str = "prose"  # built-in domain trained first
+    new_domain: str = "code"  # built-in domain trained next
+    out: str = "bench_out"  # data, runs, forgetting.png and forgetting.json go here
+
+
+def bench_forgetting(argv) -> dict:
+    """Continued pretraining demo: pretrain on one built-in domain, continue on another with and
+    without replay, and measure the new-domain gain and the old-domain forgetting."""
+    import subprocess
+
+    import train_pretrain
+
+    cfg = parse_config(ForgettingConfig, argv)
+    root = Path(cfg.out) / "forgetting"
+    old_dir, new_dir = root / f"data_{cfg.old_domain}", root / f"data_{cfg.new_domain}"
+    for domain, out, extra in ((cfg.old_domain, old_dir, []), (cfg.new_domain, new_dir, ["--tokenizer", str(old_dir / "tokenizer.json")])):
+        weights = ",".join([f"{domain}:1"] + [f"{d}:0" for d in ("prose", "code", "chat") if d != domain])
+        subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), f"--mix={weights}", "--out", str(out),
+                        "--progress=false", *extra], check=True)
+    common = ["--sample_tokens=0", "--checkpoint_interval=100000"]
+    train_pretrain.main(["--data_dir", str(old_dir), "--out_dir", str(root / "base"), f"--max_iters={cfg.base_iters}",
+                         "--eval_interval=50", "--eval_dirs", str(new_dir), *common])
+    base = [json.loads(line) for line in (root / "base" / "metrics.jsonl").read_text().splitlines() if "val_loss" in line][-1]
+    old_key, new_key = f"val_loss_{old_dir.name}", f"val_loss_{new_dir.name}"
+    runs = {}
+    for ratio in (0.0, cfg.replay_ratio):
+        name = f"replay {ratio:g}"
+        out = root / f"replay_{ratio:g}"
+        replay = ["--replay_dir", str(old_dir), f"--replay_ratio={ratio}"] if ratio else ["--eval_dirs", str(old_dir)]
+        train_pretrain.main(["--data_dir", str(new_dir), "--init_from", str(root / "base"), "--out_dir", str(out),
+                             f"--max_iters={cfg.continue_iters}", "--eval_interval=25", *replay, *common])
+        runs[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+    results = {"before": {"new_domain": base[new_key], "old_domain": base["val_loss"]}, "runs": {}}
+    rows = [("pretrained on " + cfg.old_domain, f"{base[new_key]:.3f}", f"{base['val_loss']:.3f}", "", "")]
+    for name, evals in runs.items():
+        new_after, old_after = evals[-1]["val_loss"], evals[-1][old_key]
+        results["runs"][name] = {"new_domain": new_after, "old_domain": old_after, "gain": base[new_key] - new_after,
+                                 "forgetting": old_after - base["val_loss"]}
+        rows.append((f"+ {cfg.continue_iters} steps on {cfg.new_domain}, {name}", f"{new_after:.3f}", f"{old_after:.3f}",
+                     f"{base[new_key] - new_after:+.3f}", f"{old_after - base['val_loss']:+.3f}"))
+    print(table(rows, ("model", f"{cfg.new_domain} val loss", f"{cfg.old_domain} val loss", f"{cfg.new_domain} gain",
+                       f"{cfg.old_domain} forgetting")))
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, evals in runs.items():
+        steps = [r["step"] for r in evals]
+        axes[0].plot(steps, [r["val_loss"] for r in evals], "o-", label=name)
+        axes[1].plot(steps, [r[old_key] for r in evals], "o-", label=name)
+    axes[0].axhline(base[new_key], color="gray", ls="--", label=f"before (trained on {cfg.old_domain})")
+    axes[1].axhline(base["val_loss"], color="gray", ls="--", label="before")
+    axes[0].set(title=f"new domain ({cfg.new_domain}): validation loss", xlabel="continued-pretraining step", ylabel="nats/token")
+    axes[1].set(title=f"old domain ({cfg.old_domain}): validation loss", xlabel="continued-pretraining step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(Path(cfg.out) / "forgetting.png", dpi=90)
+    Path(cfg.out, "forgetting.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+BENCHMARKS = {"data": bench_data, "train": bench_train, "ttl": bench_ttl, "kernels": bench_kernels,
+              "forgetting": bench_forgetting}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:

@@ -251,10 +251,13 @@ class Tokenizer:
 
     @classmethod
     def load(cls, name_or_path: str | Path) -> "Tokenizer":
-        """'gpt2' for GPT-2's encoding, or a tokenizer.json (or a directory holding one)."""
+        """'gpt2' for GPT-2's encoding, a tokenizer.json, or a directory holding one (a data
+        directory, a checkpoint, or a training run, whose newest checkpoint is used)."""
         if str(name_or_path) == "gpt2":
             return gpt2_tokenizer()
         path = Path(name_or_path)
+        if path.is_dir() and not (path / "tokenizer.json").exists() and (path / "latest").is_file():
+            path = path / (path / "latest").read_text().strip()  # a training run: its newest checkpoint
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():

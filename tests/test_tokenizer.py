@@ -81,6 +81,11 @@ def test_save_load_round_trip(tok, tmp_path):
     loaded = Tokenizer.load(path)
     assert loaded.merges == tok.merges and loaded.special_tokens == tok.special_tokens
     assert Tokenizer.load(tmp_path).encode(CORPUS[3]) == tok.encode(CORPUS[3])  # a directory works too
+    run = tmp_path / "run"
+    (run / "ckpt_0000001").mkdir(parents=True)
+    tok.save(run / "ckpt_0000001" / "tokenizer.json")
+    (run / "latest").write_text("ckpt_0000001")
+    assert Tokenizer.load(run).merges == tok.merges  # and a training run, through its latest checkpoint
     assert not list(tmp_path.glob("*.tmp"))
 
 
