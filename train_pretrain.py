@@ -95,9 +95,18 @@ def build_model(cfg: PretrainConfig, tokenizer: Tokenizer, device_type: str) -> 
             raise ValueError("the bert-base preset is bidirectional: use it with --objective=mlm")
         vocab = 64 * -(-tokenizer.vocab_size // 64)  # padded to a multiple of 64 for fast matmuls
         return Transformer(ModelConfig.preset(preset, vocab_size=vocab, **overrides)), None, None
-    source = resolve(cfg.out_dir if cfg.init_from == "resume" else cfg.init_from)
-    meta = read_meta(source)
-    model, _ = load_model(source)
+    if cfg.init_from != "resume" and (Path(cfg.init_from) / "config.json").is_file():
+        # a Hugging Face GPT-2 / Llama directory (e.g. GPT-2's downloaded weights)
+        from nanofm.convert import from_hf, _require_transformers
+        hf = _require_transformers().AutoModelForCausalLM.from_pretrained(cfg.init_from)
+        model = from_hf(hf)
+        if model.cfg.vocab_size < tokenizer.vocab_size:  # GPT-2's 50257 rows + our special tokens
+            model = model.resized_vocab(64 * -(-tokenizer.vocab_size // 64))
+        meta, source = {"lineage": []}, Path(cfg.init_from)
+    else:
+        source = resolve(cfg.out_dir if cfg.init_from == "resume" else cfg.init_from)
+        meta = read_meta(source)
+        model, _ = load_model(source)
     if model.cfg.causal != (cfg.objective == "clm"):
         raise ValueError(f"{source} is a {'causal' if model.cfg.causal else 'bidirectional'} model; "
                          f"it cannot be trained with --objective={cfg.objective}")

@@ -261,6 +261,21 @@ class Transformer(nn.Module):
         cfg, T = self.cfg, seq_len or self.cfg.block_size
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
 
+    def resized_vocab(self, vocab_size: int) -> "Transformer":
+        """A copy with more vocabulary rows (new rows initialised like the others): room for
+        special tokens a pretrained model never had."""
+        if vocab_size < self.cfg.vocab_size:
+            raise ValueError(f"cannot shrink the vocabulary from {self.cfg.vocab_size} to {vocab_size}")
+        bigger = Transformer(replace(self.cfg, vocab_size=vocab_size))
+        state = bigger.state_dict()
+        for name, value in self.state_dict().items():
+            if name in ("transformer.wte.weight", "lm_head.weight"):
+                state[name][:value.size(0)] = value
+            else:
+                state[name] = value
+        bigger.load_state_dict(state)
+        return bigger
+
     def hidden_states(self, idx, attention_mask=None, cache: KVCache | None = None):
         """Final-norm hidden states [B, T, C]. attention_mask [B, T] marks real tokens (1) vs
         padding (0); positions start after the cached ones."""

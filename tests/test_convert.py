@@ -61,3 +61,41 @@ def test_cli_round_trip_and_errors(tmp_path, capsys):
     save_checkpoint(tmp_path / "bert", 1, bert, {"model": bert.cfg.to_dict()})
     assert main(["--export", str(tmp_path / "bert"), "--out", str(tmp_path / "hf_bert")]) == 1
     assert "post-norm" in capsys.readouterr().err and not (tmp_path / "hf_bert").exists()
+
+
+def test_resized_vocab_keeps_the_old_rows():
+    model = randomised(ModelConfig(**GPT2))
+    bigger = model.resized_vocab(128)
+    assert bigger.cfg.vocab_size == 128 and bigger.lm_head.weight is bigger.transformer.wte.weight
+    assert torch.equal(bigger.transformer.wte.weight[:101], model.transformer.wte.weight)
+    x = torch.randint(0, 101, (1, 10))
+    with torch.no_grad():
+        assert torch.allclose(bigger(x)[0][..., :101], model(x)[0], atol=1e-6)
+    with pytest.raises(ValueError, match="cannot shrink"):
+        model.resized_vocab(50)
+
+
+def test_pretraining_starts_from_a_hugging_face_gpt2_directory(tmp_path):
+    """As a user with GPT-2's weights on disk would: data with the gpt2 tokenizer, --init_from the HF dir."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from textgen import markov
+    root = Path(__file__).resolve().parents[1]
+    hf = to_hf(randomised(ModelConfig(**{**GPT2, "vocab_size": 50257, "block_size": 32})))
+    hf.save_pretrained(tmp_path / "gpt2-like")
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(20):
+        (src / f"d{i}.txt").write_text(markov(i))
+    subprocess.run([sys.executable, str(root / "data" / "prepare.py"), "--input", str(src), "--out", str(tmp_path / "data"),
+                    "--tokenizer=gpt2", "--languages=", "--progress=false", "--num_workers=1", "--val_fraction=0.2"],
+                   check=True, capture_output=True)
+    import train_pretrain
+    result = train_pretrain.main(["--init_from", str(tmp_path / "gpt2-like"), "--data_dir", str(tmp_path / "data"),
+                                  "--out_dir", str(tmp_path / "out"), "--max_iters=3", "--batch_size=2",
+                                  "--eval_iters=1", "--eval_interval=100", "--sample_tokens=0"])
+    from nanofm.checkpoint import load_model
+    model, meta = load_model(tmp_path / "out")
+    assert model.cfg.vocab_size == 50304 and meta["parent"] == str(tmp_path / "gpt2-like") and result["val_loss"] > 0
