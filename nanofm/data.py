@@ -220,11 +220,12 @@ def mask_tokens(x, vocab_size: int, mask_id: int, special_ids: list[int], prob: 
 
 def unigram_entropy(data_dir, split: str = "train") -> float:
     """Entropy (nats/token) of the token distribution: the loss of a model that ignores context."""
-    counts = None
+    counts = np.zeros(0, dtype=np.int64)
     for path in shard_paths(data_dir, split):
-        tokens = open_shard(path)
-        c = np.bincount(tokens, minlength=int(tokens.max()) + 1 if len(tokens) else 1)
-        counts = c if counts is None else np.pad(counts, (0, max(0, len(c) - len(counts)))) + np.pad(c, (0, max(0, len(counts) - len(c))))
+        shard_counts = np.bincount(open_shard(path))
+        if len(shard_counts) > len(counts):
+            counts = np.pad(counts, (0, len(shard_counts) - len(counts)))
+        counts[:len(shard_counts)] += shard_counts
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 

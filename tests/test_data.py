@@ -111,3 +111,11 @@ def test_split_is_stable_and_keeps_repeats_together():
     assert data.split_of(doc, 0.5) == data.split_of(repeat, 0.5)
     splits = [data.split_of({"id": f"d{i}", "meta": {}}, 0.1) for i in range(5000)]
     assert 0.08 < splits.count("val") / 5000 < 0.12
+
+
+def test_unigram_entropy(tmp_path):
+    import math
+    data.write_shard(tmp_path / "train_000000.bin", np.array([0, 0, 1, 1], dtype=np.uint16), 1)
+    data.write_shard(tmp_path / "train_000001.bin", np.array([3, 3, 3, 3], dtype=np.uint16), 1)
+    # p = (1/4, 1/4, 1/2): H = 1.5 ln 2
+    assert data.unigram_entropy(tmp_path) == pytest.approx(1.5 * math.log(2))
