@@ -155,26 +155,23 @@ def main(argv=None) -> dict:
         cfg.lr = 2e-3 if model.num_params() < 50e6 else 6e-4
     model, raw_model = wrap_model(model, cfg, ctx)
 
-    def val_batch_for(data_dir):  # a small validation split may not hold a full step: evaluate on fewer rows
+    def val_loader(data_dir):  # a small validation split may not hold a full step: evaluate on fewer rows
         val_tokens = sum(read_header(p)["tokens"] for p in shard_paths(data_dir, "val"))
-        return max(1, min(cfg.batch_size, (val_tokens - 1) // (ctx.world_size * seq_len)))
+        rows = max(1, min(cfg.batch_size, (val_tokens - 1) // (ctx.world_size * seq_len)))
+        return TokenLoader(data_dir, "val", rows, seq_len, ctx.rank, ctx.world_size, ctx.device)
 
-    val_batch = val_batch_for(cfg.data_dir)
+    def train_rows(data_dir, rows):
+        return TokenLoader(data_dir, "train", rows, seq_len, ctx.rank, ctx.world_size, ctx.device)
 
-    def make_loader(split):
-        batch = cfg.batch_size if split == "train" else val_batch
-        return TokenLoader(cfg.data_dir, split, batch, seq_len, ctx.rank, ctx.world_size, ctx.device)
-
-    train_loader = make_loader("train")
     if cfg.replay_ratio > 0:  # some rows of every batch from the old data
         replay_rows = round(cfg.replay_ratio * cfg.batch_size)
-        train_loader = MixedLoader(
-            TokenLoader(cfg.data_dir, "train", cfg.batch_size - replay_rows, seq_len, ctx.rank, ctx.world_size, ctx.device),
-            TokenLoader(cfg.replay_dir, "train", replay_rows, seq_len, ctx.rank, ctx.world_size, ctx.device))
-    extra_evals = {}
-    for extra in dict.fromkeys(([cfg.replay_dir] if cfg.replay_dir else []) + list(cfg.eval_dirs)):
-        extra_evals[Path(extra).name] = (lambda d=extra: TokenLoader(d, "val", val_batch_for(d), seq_len, ctx.rank,
-                                                                      ctx.world_size, ctx.device))
+        train_loader = MixedLoader(train_rows(cfg.data_dir, cfg.batch_size - replay_rows),
+                                   train_rows(cfg.replay_dir, replay_rows))
+    else:
+        train_loader = train_rows(cfg.data_dir, cfg.batch_size)
+    val_loader(cfg.data_dir)  # fail now, not at the first evaluation, if the validation split is unusable
+    extra_evals = {Path(d).name: (lambda d=d: val_loader(d))
+                   for d in dict.fromkeys(([cfg.replay_dir] if cfg.replay_dir else []) + list(cfg.eval_dirs))}
     specials = sorted(tokenizer.special_tokens.values())
 
     def loss_fn(model, batch, step, reduction="mean"):
@@ -207,7 +204,7 @@ def main(argv=None) -> dict:
               f"device {ctx.device} x {ctx.world_size}, {str(ctx.dtype).replace('torch.', '')}; "
               f"{tokens_per_step:,} tokens per step")
     resume_from = parent if cfg.init_from == "resume" else None
-    result = train(cfg, ctx, model, raw_model, loss_fn, train_loader, lambda: make_loader("val"), cfg.out_dir, meta,
+    result = train(cfg, ctx, model, raw_model, loss_fn, train_loader, lambda: val_loader(cfg.data_dir), cfg.out_dir, meta,
                    tokens_per_step, tokenizer, Path(cfg.data_dir) / "tokenizer.json", resume_from,
                    sample_fn if mcfg.causal else None, extra_evals)
     if ctx.master:
