@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from nanofm import __version__  # noqa: E402
-from nanofm.checkpoint import CheckpointError, load_model, load_weights, read_meta, resolve  # noqa: E402
+from nanofm.checkpoint import CheckpointError, load_model, read_meta, resolve  # noqa: E402
 from nanofm.config import config_to_dict, parse_config  # noqa: E402
 from nanofm.data import (MixedLoader, ShardError, TokenLoader, mask_tokens, read_header, shard_paths,  # noqa: E402
                          unigram_entropy)

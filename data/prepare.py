@@ -135,8 +135,8 @@ def read_jsonl(path: Path) -> list[dict]:
 def main(argv=None) -> int:
     cfg = parse_config(PrepareConfig, argv, description=__doc__.split("\n\n")[0])
     from nanofm import data as shards
-    from nanofm.sources import SourceError, check_inputs, iter_inputs
-    from nanofm.tokenizer import Tokenizer, TokenizerError, train_bpe
+    from nanofm.sources import check_inputs, iter_inputs
+    from nanofm.tokenizer import Tokenizer, train_bpe
 
     inputs = cfg.input or ["builtin"]
     if not cfg.out:

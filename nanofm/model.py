@@ -26,7 +26,7 @@ Design decisions:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -279,7 +279,7 @@ class Transformer(nn.Module):
     def hidden_states(self, idx, attention_mask=None, cache: KVCache | None = None):
         """Final-norm hidden states [B, T, C]. attention_mask [B, T] marks real tokens (1) vs
         padding (0); positions start after the cached ones."""
-        cfg, (B, T) = self.cfg, idx.shape
+        cfg, T = self.cfg, idx.size(1)
         start = cache.pos if cache is not None else 0
         if start + T > cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than the context of {cfg.block_size}")
