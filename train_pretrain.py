@@ -96,10 +96,9 @@ def build_model(cfg: PretrainConfig, tokenizer: Tokenizer, device_type: str) -> 
         vocab = 64 * -(-tokenizer.vocab_size // 64)  # padded to a multiple of 64 for fast matmuls
         return Transformer(ModelConfig.preset(preset, vocab_size=vocab, **overrides)), None, None
     if cfg.init_from != "resume" and (Path(cfg.init_from) / "config.json").is_file():
-        # a Hugging Face GPT-2 / Llama directory (e.g. GPT-2's downloaded weights)
-        from nanofm.convert import from_hf, _require_transformers
-        hf = _require_transformers().AutoModelForCausalLM.from_pretrained(cfg.init_from)
-        model = from_hf(hf)
+        # a Hugging Face GPT-2 / Llama / BERT directory (e.g. GPT-2's downloaded weights)
+        from nanofm.convert import from_hf, load_hf
+        model = from_hf(load_hf(cfg.init_from))
         if model.cfg.vocab_size < tokenizer.vocab_size:  # GPT-2's 50257 rows + our special tokens
             model = model.resized_vocab(64 * -(-tokenizer.vocab_size // 64))
         meta, source = {"lineage": []}, Path(cfg.init_from)
@@ -122,18 +121,14 @@ def build_model(cfg: PretrainConfig, tokenizer: Tokenizer, device_type: str) -> 
     return model, meta, str(source)
 
 
-def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
-    return (a.name, a.merges, a.special_tokens, a.pattern) == (b.name, b.merges, b.special_tokens, b.pattern)
-
-
 def check_tokenizers(cfg: PretrainConfig, tokenizer: Tokenizer, parent: str | None) -> None:
     """Every data source and the starting checkpoint must share one tokenizer: ids mean nothing across two."""
-    if parent and (Path(parent) / "tokenizer.json").exists() and not same_tokenizer(Tokenizer.load(parent), tokenizer):
+    if parent and (Path(parent) / "tokenizer.json").exists() and not Tokenizer.load(parent).same_as(tokenizer):
         raise TokenizerError(f"{cfg.data_dir} was tokenized with another tokenizer than the checkpoint {parent}; "
                              f"prepare it again with: python data/prepare.py --tokenizer {parent}/tokenizer.json "
                              f"--out {cfg.data_dir} --force ...")
     for other in ([cfg.replay_dir] if cfg.replay_dir else []) + list(cfg.eval_dirs):
-        if not same_tokenizer(Tokenizer.load(other), tokenizer):
+        if not Tokenizer.load(other).same_as(tokenizer):
             raise TokenizerError(f"{other} and {cfg.data_dir} use different tokenizers; prepare one with the other's: "
                                  f"python data/prepare.py --tokenizer {cfg.data_dir}/tokenizer.json --out {other} ...")
 

@@ -10,10 +10,13 @@
 Design decisions:
 - Names follow GPT-2's checkpoint (transformer.wte, .wpe, .h[i].attn.c_attn, .mlp.c_fc, .ln_f,
   lm_head), so weights map onto other implementations by name.
-- One block serves every layout the dataclass can describe: LayerNorm or RMSNorm, learned
-  positions or RoPE, GELU or SwiGLU MLP, grouped-query attention (n_kv_head < n_head), biases,
+- One block serves every layout the dataclass can describe: LayerNorm or RMSNorm, pre-norm
+  (GPT-2, Llama) or post-norm with a norm after the embeddings (BERT), learned positions or RoPE,
+  GELU (tanh or exact) or SwiGLU MLP, grouped-query attention (n_kv_head < n_head), biases,
   dropout, tied or untied embeddings. Presets pick the layouts people know (GPT-2, BERT, and a
-  Llama-style `tiny` that trains on a laptop).
+  Llama-style `tiny` that trains on a laptop), so each exports to its `transformers` class.
+- No token-type (segment) embeddings: BERT adds type 0 to every position when no types are
+  given, so importing folds that row into the position table, and exporting writes zeros.
 - Attention is F.scaled_dot_product_attention (flash / memory-efficient kernels on GPU). Causal
   models use is_causal; BERT models take a padding mask instead.
 - Heads: `lm` (next-token logits) and `mlm` (BERT's transform: dense, GELU, norm, then the tied
@@ -46,8 +49,10 @@ PRESETS = {
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50304),
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024, vocab_size=50304),
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, vocab_size=50304),
-    # BERT-base (Devlin et al. 2018): bidirectional, learned positions, post-training MLM head
-    "bert-base": dict(n_layer=12, n_head=12, n_embd=768, block_size=512, causal=False, vocab_size=30522),
+    # BERT-base (Devlin et al. 2018): bidirectional, post-norm with a norm after the embeddings, exact
+    # GELU, an MLM head with a bias; exports to BertForMaskedLM
+    "bert-base": dict(n_layer=12, n_head=12, n_embd=768, block_size=512, causal=False, vocab_size=30522,
+                      norm_position="post", mlp="gelu_exact", head_bias=True, norm_eps=1e-12),
 }
 
 # dense bf16 peak FLOP/s per GPU, for MFU
@@ -64,12 +69,14 @@ class ModelConfig:
     block_size: int = 1024  # context length
     causal: bool = True  # GPT (True) or BERT (False)
     norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_position: str = "pre"  # pre (GPT-2, Llama: norm inside the residual branch) | post (BERT: after the sum)
     pos: str = "learned"  # learned | rope
-    mlp: str = "gelu"  # gelu | swiglu
+    mlp: str = "gelu"  # gelu (tanh approximation, GPT-2) | gelu_exact (erf, BERT) | swiglu
     mlp_hidden: int | None = None  # default 4 d for gelu, 8/3 d (rounded to 64) for swiglu
     bias: bool = True
     dropout: float = 0.0
     tie_embeddings: bool = True
+    head_bias: bool = False  # a bias on the output head (BERT's MLM decoder has one)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
 
@@ -83,13 +90,14 @@ class ModelConfig:
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             problems.append("RoPE needs an even head size")
         for name, value, allowed in (("norm", self.norm, ("layernorm", "rmsnorm")), ("pos", self.pos, ("learned", "rope")),
-                                     ("mlp", self.mlp, ("gelu", "swiglu"))):
+                                     ("mlp", self.mlp, ("gelu", "gelu_exact", "swiglu")),
+                                     ("norm_position", self.norm_position, ("pre", "post"))):
             if value not in allowed:
                 problems.append(f"{name} must be one of {allowed}, got {value!r}")
         if problems:
             raise ValueError("bad model config: " + "; ".join(problems))
         if self.mlp_hidden is None:
-            self.mlp_hidden = 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+            self.mlp_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64) if self.mlp == "swiglu" else 4 * self.n_embd
 
     @property
     def head_dim(self) -> int:
@@ -181,7 +189,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
+        self.swiglu, self.gelu_approximate = cfg.mlp == "swiglu", "tanh" if cfg.mlp == "gelu" else "none"
         # SwiGLU: one matmul makes both the gate and the value, split in half
         self.c_fc = nn.Linear(cfg.n_embd, cfg.mlp_hidden * (2 if self.swiglu else 1), bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
@@ -193,17 +201,22 @@ class MLP(nn.Module):
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
         else:
-            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
+            h = F.gelu(h, approximate=self.gelu_approximate)  # GPT-2's tanh approximation, or BERT's exact erf
         return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        self.post_norm = cfg.norm_position == "post"
         self.ln_1, self.attn = make_norm(cfg), Attention(cfg, layer)
         self.ln_2, self.mlp = make_norm(cfg), MLP(cfg)
 
     def forward(self, x, rope=None, attn_mask=None, cache=None):
+        if self.post_norm:  # BERT / the original Transformer: normalise after each residual sum
+            x = self.ln_1(x + self.attn(x, rope, attn_mask, cache))
+            return self.ln_2(x + self.mlp(x))
+        # pre-norm (GPT-2, Llama): the residual stream is never normalised, which trains stably deep
         x = x + self.attn(self.ln_1(x), rope, attn_mask, cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -218,11 +231,14 @@ class Transformer(nn.Module):
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)]),
-            ln_f=make_norm(cfg),
+            # pre-norm needs a final norm; post-norm already ends on one and instead normalises the embeddings
+            ln_f=make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity(),
         ))
+        if cfg.norm_position == "post":
+            self.transformer["ln_emb"] = make_norm(cfg)
         if cfg.pos == "learned":
             self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         if not cfg.causal:  # BERT's MLM transform before the (tied) decoder
@@ -269,7 +285,7 @@ class Transformer(nn.Module):
         bigger = Transformer(replace(self.cfg, vocab_size=vocab_size))
         state = bigger.state_dict()
         for name, value in self.state_dict().items():
-            if name in ("transformer.wte.weight", "lm_head.weight"):
+            if name in ("transformer.wte.weight", "lm_head.weight", "lm_head.bias"):
                 state[name][:value.size(0)] = value
             else:
                 state[name] = value
@@ -289,6 +305,8 @@ class Transformer(nn.Module):
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
         else:
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        if "ln_emb" in self.transformer:
+            x = self.transformer.ln_emb(x)
         x = self.transformer.drop(x)
         attn_mask = None
         if attention_mask is not None:  # keys that are padding are hidden from every query
@@ -309,7 +327,7 @@ class Transformer(nn.Module):
         h = self.hidden_states(idx, attention_mask, cache)
         if not self.cfg.causal:
             h = self.mlm_transform(h)
-        if targets is not None and kernels.use_kernels(h):
+        if targets is not None and self.lm_head.bias is None and kernels.use_kernels(h):
             # fused head + loss: the [tokens, vocab] logits are never materialised, so none are returned
             loss = kernels.linear_cross_entropy(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1))
             return None, loss

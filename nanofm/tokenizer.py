@@ -25,6 +25,10 @@ Design decisions:
   tests check that both give identical ids.
 - The file is one readable JSON: the regex, the special tokens, and one merge per line with the
   text it produces.
+- Hugging Face's tokenizer.json (the `tokenizers` format) is read and written in plain JSON:
+  the same regex as a Split pre-tokenizer, GPT-2's byte-to-character alphabet, every way to split
+  a token into two tokens as a merge ranked by the token's id, and `ignore_merges` (a chunk that
+  is itself a token is taken whole), which together reproduce tiktoken's encoding exactly.
 - Special tokens (ids after the merges): bos, eos, pad, mask, cls, sep and the chat roles.
   Plain `encode` treats special-token text in the data as ordinary text, so a document can never
   inject a control token.
@@ -214,6 +218,10 @@ class Tokenizer:
                 return text.encode("utf-8")
         raise KeyError(f"token id {token_id} is outside the vocabulary of {self.vocab_size}")
 
+    def same_as(self, other: "Tokenizer") -> bool:
+        """Same ids for every text: the same byte table, special tokens and split regex."""
+        return (self._id_to_bytes, self.special_tokens, self.pattern) == (other._id_to_bytes, other.special_tokens, other.pattern)
+
     def bytes_per_token(self, texts: list[str]) -> float:
         n_bytes = sum(len(t.encode("utf-8")) for t in texts)
         n_tokens = sum(map(len, self.encode_batch(texts)))
@@ -249,10 +257,81 @@ class Tokenizer:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
         os.replace(tmp, path)
 
+    def to_hf_json(self) -> dict:
+        """This tokenizer in Hugging Face's tokenizer.json format (load it with
+        tokenizers.Tokenizer.from_str or transformers.PreTrainedTokenizerFast)."""
+        ranks = {b: i for i, b in self._id_to_bytes.items()}
+        as_text = {b: "".join(BYTE_TO_CHAR[x] for x in b) for b in ranks}
+        merges = []  # (rank of the joined token, left, right): every split into two existing tokens
+        for token, rank in ranks.items():
+            merges += [(rank, ranks[token[:i]], ranks[token[i:]], as_text[token[:i]], as_text[token[i:]])
+                       for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        merges.sort()
+        return {
+            "version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for t, i in sorted(self.special_tokens.items(), key=lambda x: x[1])],
+            "normalizer": None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+            "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                      "vocab": {as_text[b]: i for b, i in sorted(ranks.items(), key=lambda x: x[1])},
+                      "merges": [[left, right] for *_, left, right in merges]},
+        }
+
+    @classmethod
+    def from_hf_json(cls, data: dict, source: str = "tokenizer.json") -> "Tokenizer":
+        """A byte-level BPE in Hugging Face's format whose ids follow its merge order (GPT-2's, and
+        every tokenizer `to_hf_json` writes); anything else is refused, since tiktoken would encode
+        it differently."""
+        model, pre = data.get("model") or {}, data.get("pre_tokenizer") or {}
+        if model.get("type") != "BPE" or data.get("normalizer") is not None:
+            raise TokenizerError(f"{source}: only byte-level BPE without a normalizer can be read "
+                                 f"(model {model.get('type')!r}, normalizer {data.get('normalizer')})")
+        parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+        if [p.get("type") for p in parts] == ["ByteLevel"] and parts[0].get("use_regex", True):
+            pattern = GPT2_SPLIT_PATTERN  # ByteLevel's built-in regex is GPT-2's
+        elif [p.get("type") for p in parts] == ["Split", "ByteLevel"] and "Regex" in parts[0].get("pattern", {}):
+            pattern = parts[0]["pattern"]["Regex"]
+        else:
+            raise TokenizerError(f"{source}: pre-tokenizer {[p.get('type') for p in parts]} is not a byte-level regex split")
+        specials = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t.get("special")}
+        try:
+            ranks = {bytes(CHAR_TO_BYTE[c] for c in text): i for text, i in model["vocab"].items() if text not in specials}
+        except KeyError as exc:
+            raise TokenizerError(f"{source}: vocabulary entry with character {exc} is not byte-level") from None
+        id_to_bytes = {i: b for b, i in ranks.items()}
+        if pattern == GPT2_SPLIT_PATTERN and len(ranks) == 50256 and specials.get("<|endoftext|>") == 50256:
+            gpt2 = gpt2_tokenizer()
+            if gpt2._id_to_bytes == id_to_bytes:
+                return gpt2  # GPT-2 itself: nanofm's built-in encoding, with its extra special tokens
+        if sorted(ranks.values()) != list(range(len(ranks))) or any(ranks.get(bytes([b])) != b for b in range(256)):
+            raise TokenizerError(f"{source}: ids are not 256 bytes followed by merged tokens in order")
+        made, last = {}, 0  # for each merged token, the first listed merge of two earlier tokens that makes it
+        for pair in model.get("merges", []):
+            left, right = pair.split(" ") if isinstance(pair, str) else pair
+            joined, a, b = (ranks.get(bytes(CHAR_TO_BYTE[c] for c in part)) for part in (left + right, left, right))
+            if None in (joined, a, b) or joined < last:  # HF ranks by merge position, tiktoken by id: they must agree
+                raise TokenizerError(f"{source}: merge {left!r} + {right!r} is out of the merge order its ids follow")
+            last = joined
+            if a < joined and b < joined:
+                made.setdefault(joined, (a, b))
+        missing = [i for i in range(256, len(ranks)) if i not in made]
+        if missing:
+            raise TokenizerError(f"{source}: token {missing[0]} is not made by a merge of two earlier tokens, so "
+                                 f"its ids do not follow the merge order")
+        merges = [made[i] for i in range(256, len(ranks))]
+        return cls(f"bpe-{len(ranks) + len(specials)}", ranks, specials, pattern, merges)
+
     @classmethod
     def load(cls, name_or_path: str | Path) -> "Tokenizer":
-        """'gpt2' for GPT-2's encoding, a tokenizer.json, or a directory holding one (a data
-        directory, a checkpoint, or a training run, whose newest checkpoint is used)."""
+        """'gpt2' for GPT-2's encoding, a tokenizer.json (nanofm's or Hugging Face's), or a
+        directory holding one (a data directory, a checkpoint, a training run, whose newest
+        checkpoint is used, or a Hugging Face model directory)."""
         if str(name_or_path) == "gpt2":
             return gpt2_tokenizer()
         path = Path(name_or_path)
@@ -268,6 +347,8 @@ class Tokenizer:
                 if data.get("name") != "gpt2":
                     raise TokenizerError(f"{path} names an unknown built-in encoding {data.get('name')!r}")
                 return gpt2_tokenizer()
+            if "model" in data and "format" not in data:  # Hugging Face's format
+                return cls.from_hf_json(data, str(path))
             if data.get("format") != FORMAT:
                 raise TokenizerError(f"{path} is not a nanofm tokenizer file (format {data.get('format')!r})")
             merges = [(int(m[0]), int(m[1])) for m in data["merges"]]
@@ -279,6 +360,19 @@ class Tokenizer:
         if tok.vocab_size != data.get("vocab_size"):
             raise TokenizerError(f"{path}: vocab_size {data.get('vocab_size')} does not match its merges ({tok.vocab_size})")
         return tok
+
+
+def _bytes_to_chars() -> dict[int, str]:
+    """GPT-2's map from the 256 byte values to printable characters, so that a byte-level token can
+    be stored as a string: printable Latin-1 bytes stand for themselves, the rest are shifted
+    to code points from 256 up."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(shifted)}}
+
+
+BYTE_TO_CHAR = _bytes_to_chars()
+CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 
 
 def gpt2_tokenizer() -> Tokenizer:

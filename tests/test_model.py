@@ -48,7 +48,8 @@ def test_bert_is_bidirectional_and_ignores_padding():
     assert torch.allclose(full, masked[:, :12], atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", [dict(), dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, n_kv_head=4)])
+@pytest.mark.parametrize("layout", [dict(), dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, n_kv_head=4),
+                                    dict(norm_position="post", mlp="gelu_exact", head_bias=True)])
 def test_kv_cache_equals_full_recompute(layout):
     model = Transformer(small(**layout)).eval()
     prompt = torch.randint(0, 97, (3, 7))
@@ -98,10 +99,10 @@ def test_gpt2_preset_parameter_count():
     assert info["flops_per_token"] == 6 * (124_475_904 - 1024 * 768) + 12 * 12 * 12 * 64 * 1024
 
 
-@pytest.mark.parametrize("norm, pos, mlp", list(itertools.product(["layernorm", "rmsnorm"], ["learned", "rope"],
-                                                                  ["gelu", "swiglu"])))
-def test_every_layout_trains(norm, pos, mlp):
-    model = Transformer(small(norm=norm, pos=pos, mlp=mlp, tie_embeddings=False, dropout=0.1))
+@pytest.mark.parametrize("norm, pos, mlp, position", list(itertools.product(["layernorm", "rmsnorm"], ["learned", "rope"],
+                                                                            ["gelu", "gelu_exact", "swiglu"], ["pre", "post"])))
+def test_every_layout_trains(norm, pos, mlp, position):
+    model = Transformer(small(norm=norm, pos=pos, mlp=mlp, norm_position=position, tie_embeddings=False, dropout=0.1))
     x = torch.randint(0, 97, (4, 16))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
@@ -121,6 +122,8 @@ def test_config_errors():
         ModelConfig(n_head=12, n_kv_head=5)
     with pytest.raises(ValueError, match="norm must be one of"):
         ModelConfig(norm="batchnorm")
+    with pytest.raises(ValueError, match="norm_position must be one of"):
+        ModelConfig(norm_position="sandwich")
     with pytest.raises(ValueError, match="unknown preset 'gpt5'"):
         ModelConfig.preset("gpt5")
 
