@@ -220,6 +220,8 @@ def from_hf(hf) -> Transformer:
 def load_hf(path: str | Path):
     """A saved GPT-2 / Llama (causal LM) or BERT (masked LM) model directory."""
     transformers = _require_transformers()
+    if not (Path(path) / "config.json").is_file():
+        raise ConversionError(f"{path} has no config.json: expected a directory written by transformers' save_pretrained")
     kind = transformers.AutoConfig.from_pretrained(path).model_type
     auto = transformers.AutoModelForMaskedLM if kind == "bert" else transformers.AutoModelForCausalLM
     return auto.from_pretrained(path)

@@ -90,6 +90,8 @@ def test_cli_round_trip_and_errors(tmp_path, capsys):
     assert main(["--export", str(tmp_path / "bert"), "--out", str(tmp_path / "hf_bert")]) == 1
     assert "norm_position=pre" in capsys.readouterr().err and not (tmp_path / "hf_bert").exists()
     assert not list(tmp_path.glob(".tmp-*"))
+    assert main(["--import", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 1
+    assert "has no config.json" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_resized_vocab_keeps_the_old_rows():
