@@ -19,8 +19,11 @@ Design decisions:
   given, so importing folds that row into the position table, and exporting writes zeros.
 - Attention is F.scaled_dot_product_attention (flash / memory-efficient kernels on GPU). Causal
   models use is_causal; BERT models take a padding mask instead.
-- Heads: `lm` (next-token logits) and `mlm` (BERT's transform: dense, GELU, norm, then the tied
-  decoder). Later stages read `hidden_states` for classification, value and reward heads.
+- Heads: `lm` (next-token logits), `mlm` (BERT's transform: dense, GELU, norm, then the tied
+  decoder) and, with n_classes > 0, a classification head on the last real token (causal) or
+  the first token (bidirectional). Later stages read `hidden_states` for value and reward heads.
+- Batches of unequal prompts are left-padded: each row gets its own positions, and the cache
+  remembers which positions are padding, so a row computes what it would compute alone (tested).
 - The KV cache holds keys/values per layer for the positions seen so far; generation with it
   must give exactly the tokens of the naive path that recomputes the whole sequence (tested).
 - FLOPs per token = 6N + 12 L H Q T (PaLM, appendix B), N without the embedding lookup tables.
@@ -77,6 +80,7 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     head_bias: bool = False  # a bias on the output head (BERT's MLM decoder has one)
+    n_classes: int = 0  # > 0 adds a classification head (fine-tuned classifiers)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
 
@@ -137,17 +141,20 @@ def rope_tables(cfg: ModelConfig, length: int, device=None) -> tuple[torch.Tenso
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (first half, second half) of each head's channels by position-dependent angles."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[None, None], sin[None, None]  # broadcast over batch and heads
+    # tables [T, D/2] are shared by the batch; [B, T, D/2] (per-row positions) broadcast over heads only
+    cos, sin = (cos[None, None], sin[None, None]) if cos.dim() == 2 else (cos[:, None], sin[:, None])
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
 class KVCache:
-    """Keys and values of every layer for the positions processed so far."""
+    """Keys and values of every layer for the positions processed so far, and which of those
+    positions are real tokens (False for the left padding of a batch of unequal prompts)."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
-        self.pos, self.max_len = 0, max_len
+        self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.pos, self.max_len, self.padded = 0, max_len, False
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = k.size(2)
@@ -241,6 +248,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+        if cfg.n_classes:  # reads one position: the last real token (causal) or the first (bidirectional, CLS-style)
+            self.cls_head = nn.Linear(cfg.n_embd, cfg.n_classes)
         if not cfg.causal:  # BERT's MLM transform before the (tied) decoder
             self.mlm_transform = nn.Sequential(nn.Linear(cfg.n_embd, cfg.n_embd), nn.GELU(), make_norm(cfg))
         if cfg.pos == "rope":
@@ -292,24 +301,39 @@ class Transformer(nn.Module):
         bigger.load_state_dict(state)
         return bigger
 
-    def hidden_states(self, idx, attention_mask=None, cache: KVCache | None = None):
+    def hidden_states(self, idx, attention_mask=None, cache: KVCache | None = None, positions=None):
         """Final-norm hidden states [B, T, C]. attention_mask [B, T] marks real tokens (1) vs
-        padding (0); positions start after the cached ones."""
+        padding (0); with a cache it is remembered, so later steps keep ignoring the padding.
+        positions [B, T] gives each row its own positions (left-padded prompts); by default they
+        count on from the cached ones."""
         cfg, T = self.cfg, idx.size(1)
         start = cache.pos if cache is not None else 0
-        if start + T > cfg.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than the context of {cfg.block_size}")
+        if positions is None:
+            if start + T > cfg.block_size:
+                raise ValueError(f"sequence of {start + T} tokens is longer than the context of {cfg.block_size}")
+            positions = torch.arange(start, start + T, device=idx.device)
+        elif int(positions.max()) >= cfg.block_size:
+            raise ValueError(f"position {int(positions.max())} is beyond the context of {cfg.block_size}")
         x = self.transformer.wte(idx)
         rope = None
         if cfg.pos == "learned":
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.transformer.wpe(positions)
         else:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+            rope = (self.rope_cos[positions], self.rope_sin[positions])
         if "ln_emb" in self.transformer:
             x = self.transformer.ln_emb(x)
         x = self.transformer.drop(x)
         attn_mask = None
-        if attention_mask is not None:  # keys that are padding are hidden from every query
+        if cache is not None and attention_mask is not None:
+            cache.valid[:, start:start + T] = attention_mask.bool()
+            cache.padded = cache.padded or not bool(attention_mask.bool().all())
+        if cache is not None and cache.padded:  # padding somewhere in the cache: an explicit [B, 1, T, keys] mask
+            query_pos = torch.arange(start, start + T, device=idx.device)[:, None]
+            key_pos = torch.arange(start + T, device=idx.device)[None, :]
+            allowed = key_pos <= query_pos if cfg.causal else torch.ones_like(key_pos, dtype=torch.bool)
+            # a padding query still sees itself, so no row is all -inf (that would make NaNs)
+            attn_mask = (cache.valid[:, None, None, :start + T] & allowed) | (key_pos == query_pos)
+        elif attention_mask is not None and cache is None:  # keys that are padding are hidden from every query
             keys = attention_mask.bool()[:, None, None, :]
             if cfg.causal:
                 keys = keys & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
@@ -321,10 +345,10 @@ class Transformer(nn.Module):
             cache.pos += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, attention_mask=None, cache: KVCache | None = None):
+    def forward(self, idx, targets=None, attention_mask=None, cache: KVCache | None = None, positions=None):
         """Logits [B, T, V] and, given targets (-100 = ignore), the mean cross-entropy loss. With
         targets on CUDA the fused kernel computes the loss and logits is None."""
-        h = self.hidden_states(idx, attention_mask, cache)
+        h = self.hidden_states(idx, attention_mask, cache, positions)
         if not self.cfg.causal:
             h = self.mlm_transform(h)
         if targets is not None and self.lm_head.bias is None and kernels.use_kernels(h):
@@ -336,6 +360,19 @@ class Transformer(nn.Module):
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
         return logits, loss
+
+    def classify(self, idx, attention_mask=None):
+        """Class logits [B, n_classes] from the classification head. A causal model reads the last
+        real token (the only one that has seen the whole text); a bidirectional one the first."""
+        if not self.cfg.n_classes:
+            raise ValueError("this model has no classification head (n_classes is 0)")
+        h = self.hidden_states(idx, attention_mask)
+        if self.cfg.causal:
+            last = (attention_mask.sum(dim=1) - 1) if attention_mask is not None else torch.full_like(idx[:, 0], idx.size(1) - 1)
+            pooled = h[torch.arange(idx.size(0), device=idx.device), last.long()]
+        else:
+            pooled = h[:, 0]
+        return self.cls_head(pooled)
 
     # ---------------------------------------------------------- generation
 

@@ -1,0 +1,231 @@
+"""Batched generation with a KV cache, and teacher-forced scoring: the one inference engine that
+evaluation, RL and serving share.
+
+    engine = Engine(model, tokenizer)
+    outs = engine.generate(["Once upon a time", "User: hi\\nBot:"],
+                           SamplingParams(max_tokens=50, temperature=0.8, top_p=0.95, seed=1, stop=["\\n"]))
+    outs[0].text, outs[0].finish_reason                      # "stop" or "length"
+    for delta in engine.stream("Once upon a time", SamplingParams(max_tokens=50)):
+        print(delta, end="", flush=True)
+    engine.logprobs([context_ids], [continuation_ids])      # summed log-probabilities (multiple choice, RL)
+
+Design decisions:
+- Prompts of unequal length are left-padded into one batch; each row gets its own positions and
+  the cache remembers the padding, so a row generates exactly what it would generate alone
+  (tested: batched == one at a time, greedy and sampled).
+- Every request brings its own SamplingParams (temperature, top-k, top-p, seed, max tokens, stop
+  strings, stop tokens). Each row samples with its own torch.Generator, seeded per request, so a
+  seed gives the same text whatever else is in the batch.
+- Stop conditions: a stop token (by default the tokenizer's end tokens: eos and <|end|>), a stop
+  string (the text ends before it; finish_reason "stop"), or max_tokens / the context
+  (finish_reason "length").
+- Streaming yields text deltas that are safe to show: never half a UTF-8 character (bytes that
+  do not yet decode are held back) and never the start of a stop string that may still complete.
+- Padding rows of the model's vocabulary (ids the tokenizer does not have) are never sampled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from nanofm.model import KVCache, Transformer, sample_next
+from nanofm.tokenizer import Tokenizer
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None  # None: drawn from torch's global RNG
+    stop: list[str] = field(default_factory=list)  # the text ends before the first of these
+    stop_token_ids: list[int] | None = None  # None: the tokenizer's end tokens (eos, <|end|>)
+
+    def __post_init__(self):
+        problems = []
+        if self.max_tokens < 1:
+            problems.append(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            problems.append(f"top_k must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if any(not s for s in self.stop):
+            problems.append("stop strings must not be empty")
+        if problems:
+            raise ValueError("bad sampling parameters: " + "; ".join(problems))
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]  # generated tokens (a stop token included, tokens after a stop string not)
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    token_logprobs: list[float]  # the model's log-probability of each generated token (temperature 1)
+
+
+class _Row:
+    """One request's progress through the batch."""
+
+    def __init__(self, prompt_len: int, params: SamplingParams, stop_ids: set[int], room: int, device):
+        self.params, self.stop_ids, self.prompt_len = params, stop_ids, prompt_len
+        self.budget = min(params.max_tokens, room)  # the context bounds the new tokens too
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.ids, self.logprobs, self.text, self.finish_reason = [], [], "", None
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, device: str | torch.device | None = None,
+                 batch_size: int = 16):
+        if not model.cfg.causal:
+            raise ValueError("generation needs a causal (GPT-style) model; this one is bidirectional")
+        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.end_ids = [tokenizer.special_tokens[t] for t in ("<|end|>",) if t in tokenizer.special_tokens]
+        self.end_ids = sorted({tokenizer.eos_id, *self.end_ids})
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """A text prompt is encoded after a bos token; a list of ids is taken as it is."""
+        ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt, bos=True)
+        if not ids:
+            raise ValueError("empty prompt: give at least one token")
+        if len(ids) >= self.model.cfg.block_size:
+            raise ValueError(f"the prompt is {len(ids)} tokens, but the context is {self.model.cfg.block_size}: "
+                             f"shorten it to at most {self.model.cfg.block_size - 1}")
+        return ids
+
+    # ---------------------------------------------------------- generation
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool = False) -> list[Completion]:
+        params = params or SamplingParams()
+        per_request = params if isinstance(params, list) else [params] * len(prompts)
+        if len(per_request) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(per_request)} sampling parameters")
+        encoded = [self.encode_prompt(p) for p in prompts]
+        results: list[Completion] = []
+        from tqdm import tqdm
+        for start in tqdm(range(0, len(encoded), self.batch_size), desc="generate", disable=not progress):
+            rows = None
+            for rows in self._run(encoded[start:start + self.batch_size], per_request[start:start + self.batch_size]):
+                pass
+            results += [Completion(r.text, r.ids, r.finish_reason, r.prompt_len, r.logprobs) for r in rows]
+        return results
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Text deltas of one completion as they become safe to show; `last_completion` holds the
+        whole Completion afterwards."""
+        params = params or SamplingParams()
+        shown = 0
+        for (row,) in self._run([self.encode_prompt(prompt)], [params]):
+            safe = row.text if row.finish_reason else self._safe_prefix(row)
+            if len(safe) > shown:
+                yield safe[shown:]
+                shown = len(safe)
+        self.last_completion = Completion(row.text, row.ids, row.finish_reason, row.prompt_len, row.logprobs)
+
+    def _safe_prefix(self, row: _Row) -> str:
+        text = row.text.rstrip("\ufffd")  # a character whose bytes have not all arrived yet
+        for stop in row.params.stop:  # hold back what may become a stop string
+            for k in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:k]):
+                    text = text[:-k]
+                    break
+        return text
+
+    @torch.no_grad()
+    def _run(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list[_Row]]:
+        """Generate for one batch, yielding the rows after every step."""
+        model, device, block = self.model, self.device, self.model.cfg.block_size
+        vocab = self.tokenizer.vocab_size
+        rows = [_Row(len(ids), p, set(p.stop_token_ids if p.stop_token_ids is not None else self.end_ids),
+                     block - len(ids), device) for ids, p in zip(prompts, params)]
+        B, L = len(prompts), max(map(len, prompts))
+        steps = max(r.budget for r in rows)
+        idx = torch.full((B, L), self.tokenizer.pad_id if "<|pad|>" in self.tokenizer.special_tokens else 0,
+                         dtype=torch.long)
+        mask = torch.zeros(B, L, dtype=torch.long)
+        for b, ids in enumerate(prompts):  # left padding: every prompt ends at column L - 1
+            idx[b, L - len(ids):], mask[b, L - len(ids):] = torch.tensor(ids), 1
+        idx, mask = idx.to(device), mask.to(device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = KVCache(model.cfg, B, L + steps, device, model.lm_head.weight.dtype)
+        with self._autocast():
+            logits, _ = model(idx, attention_mask=mask, cache=cache, positions=positions)
+        next_pos = positions[:, -1:] + 1
+        for _ in range(steps):
+            last = logits[:, -1, :vocab].float()
+            logprobs = F.log_softmax(last, dim=-1)
+            tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
+            for b, row in enumerate(rows):
+                if row.finish_reason:
+                    continue
+                p = row.params
+                token = int(sample_next(last[b:b + 1], p.temperature, p.top_k, p.top_p, row.generator))
+                tokens[b, 0] = token
+                row.ids.append(token)
+                row.logprobs.append(float(logprobs[b, token]))
+                row.text = self.tokenizer.decode([t for t in row.ids if t not in row.stop_ids])
+                hits = [row.text.index(s) for s in p.stop if s in row.text]
+                if hits:  # the text ends before the stop string; tokens after it are dropped
+                    row.text, row.finish_reason = row.text[:min(hits)], "stop"
+                elif token in row.stop_ids:
+                    row.finish_reason = "stop"
+                elif len(row.ids) >= row.budget:
+                    row.finish_reason = "length"
+            yield rows
+            if all(r.finish_reason for r in rows):
+                return
+            alive = torch.tensor([[0 if r.finish_reason else 1] for r in rows], device=device)
+            with self._autocast():
+                logits, _ = model(tokens, attention_mask=alive, cache=cache, positions=next_pos.clamp(max=block - 1))
+            next_pos = next_pos + 1
+
+    # ---------------------------------------------------------- scoring
+
+    @torch.no_grad()
+    def logprobs(self, contexts: list[list[int]], continuations: list[list[int]]) -> list[tuple[float, int]]:
+        """(summed log-probability, token count) of each continuation after its context, teacher
+        forced, over the tokenizer's vocabulary (as generation samples). Contexts longer than the
+        room left are cut from the left."""
+        model, block, results = self.model, self.model.cfg.block_size, []
+        for start in range(0, len(contexts), self.batch_size):
+            pairs = []
+            for ctx, cont in zip(contexts[start:start + self.batch_size], continuations[start:start + self.batch_size]):
+                if not cont or not ctx:
+                    raise ValueError("a continuation and its context need at least one token each (e.g. bos)")
+                if len(cont) >= block:
+                    raise ValueError(f"a continuation of {len(cont)} tokens does not fit the context of {block}")
+                seq = (list(ctx) + list(cont))[-block - 1:]  # the first token is only ever input
+                pairs.append((seq, len(cont)))
+            T = max(len(seq) - 1 for seq, _ in pairs)
+            idx = torch.zeros(len(pairs), T, dtype=torch.long)
+            targets = torch.full((len(pairs), T), -100, dtype=torch.long)
+            mask = torch.zeros(len(pairs), T, dtype=torch.long)
+            for b, (seq, n) in enumerate(pairs):  # right padding; targets only on the continuation
+                t = len(seq) - 1
+                idx[b, :t], mask[b, :t] = torch.tensor(seq[:-1]), 1
+                targets[b, t - n:t] = torch.tensor(seq[-n:])
+            idx, targets, mask = idx.to(self.device), targets.to(self.device), mask.to(self.device)
+            with self._autocast():
+                logits, _ = model(idx, attention_mask=mask)
+            logp = F.log_softmax(logits[..., :self.tokenizer.vocab_size].float(), dim=-1)  # as sampled
+            picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets >= 0)
+            results += [(float(picked[b].sum()), n) for b, (_, n) in enumerate(pairs)]
+        return results

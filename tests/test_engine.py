@@ -1,0 +1,117 @@
+"""The engine: batched == one at a time, == the model's naive generate; stops; streaming; scoring."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanofm.engine import Engine, SamplingParams
+from nanofm.model import ModelConfig, Transformer
+from nanofm.tokenizer import Tokenizer, train_bpe
+from textgen import prose
+
+
+@pytest.fixture(scope="module")
+def tok():
+    corpus = [prose(i) for i in range(10)] + ["naïve café 東京 🙂 " * 20]
+    return Tokenizer.from_merges(train_bpe(corpus, vocab_size=330, progress=False))
+
+
+def make_model(tok, **layout):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**dict(vocab_size=384, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=64,
+                                norm="rmsnorm", pos="rope", mlp="swiglu", bias=False), **layout})
+    return Transformer(cfg).eval()
+
+
+PROMPTS = ["The river", "Quiet and early the", "A", "Before the teacher opens the window of the"]
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, n_kv_head=4)])
+def test_batched_equals_one_at_a_time(tok, layout):
+    engine = Engine(make_model(tok, **layout), tok, batch_size=4)
+    for params in (SamplingParams(max_tokens=12, temperature=0),
+                   [SamplingParams(max_tokens=5 + i, temperature=1.0, top_k=50, top_p=0.9, seed=i) for i in range(4)]):
+        batched = engine.generate(PROMPTS, params)
+        alone = [engine.generate([p], params if isinstance(params, SamplingParams) else [params[i]])[0]
+                 for i, p in enumerate(PROMPTS)]
+        assert [c.token_ids for c in batched] == [c.token_ids for c in alone]
+        assert [c.text for c in batched] == [c.text for c in alone]
+        for a, b in zip(batched, alone):
+            assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4)
+
+
+def test_same_tokens_as_the_models_naive_generate(tok):
+    model = make_model(tok)
+    engine = Engine(model, tok)
+    prompt = tok.encode("The garden", bos=True)
+    naive = model.generate(torch.tensor([prompt]), 15, temperature=0.9, top_k=40, use_cache=False,
+                           generator=torch.Generator().manual_seed(7), vocab_limit=tok.vocab_size)
+    out = engine.generate([prompt], SamplingParams(max_tokens=15, temperature=0.9, top_k=40, seed=7, stop_token_ids=[]))[0]
+    assert out.token_ids == naive[0, len(prompt):].tolist() and out.finish_reason == "length"
+    assert max(out.token_ids) < tok.vocab_size  # padding rows never sampled
+
+
+def test_stop_strings_and_stop_tokens(tok):
+    engine = Engine(make_model(tok), tok)
+    free = engine.generate(["The river"], SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[]))[0]
+    assert len(free.token_ids) == 30 and free.finish_reason == "length"
+    stop = free.text[len(free.text) // 2:len(free.text) // 2 + 3]
+    cut = engine.generate(["The river"], SamplingParams(max_tokens=30, temperature=0, stop=[stop], stop_token_ids=[]))[0]
+    assert cut.text == free.text[:free.text.index(stop)] and cut.finish_reason == "stop"
+    third = free.token_ids[2]
+    ended = engine.generate(["The river"], SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[third]))[0]
+    first = free.token_ids.index(third)
+    assert ended.token_ids == free.token_ids[:first + 1] and ended.finish_reason == "stop"
+    assert ended.text == tok.decode(free.token_ids[:first])  # the stop token is not text
+
+
+def test_context_bounds_the_completion(tok):
+    engine = Engine(make_model(tok), tok)
+    long_prompt = list(range(1, 61))  # 60 of 64 positions
+    out = engine.generate([long_prompt], SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[]))[0]
+    assert len(out.token_ids) == 4 and out.finish_reason == "length"
+    with pytest.raises(ValueError, match="the context is 64"):
+        engine.generate([list(range(1, 65))])
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.generate([[]])
+
+
+def test_stream_deltas_are_safe_prefixes(tok):
+    engine = Engine(make_model(tok), tok)
+    for seed in range(6):  # a random model emits arbitrary bytes: partial UTF-8 characters happen
+        params = SamplingParams(max_tokens=40, temperature=1.5, seed=seed, stop=["e t", "\n"], stop_token_ids=[])
+        final = engine.generate(["naïve café"], params)[0].text
+        shown = ""
+        for delta in engine.stream("naïve café", params):
+            shown += delta
+            assert final.startswith(shown)  # nothing shown is ever taken back (no half characters, no stop text)
+        assert shown == final == engine.last_completion.text
+
+
+def test_logprobs_are_the_models(tok):
+    model = make_model(tok)
+    engine = Engine(model, tok, batch_size=3)
+    contexts = [tok.encode("The river", bos=True), tok.encode("A", bos=True), tok.encode("Quiet and early the", bos=True)]
+    conts = [tok.encode(" keeps the"), tok.encode(" lantern"), tok.encode(" window opens slowly")]
+    scores = engine.logprobs(contexts, conts)
+    for (total, n), ctx, cont in zip(scores, contexts, conts):
+        seq = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logp = F.log_softmax(model(seq)[0][0, :-1, :tok.vocab_size], dim=-1)
+        expected = sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+        assert n == len(cont) and total == pytest.approx(expected, abs=1e-4)
+    greedy = engine.generate([contexts[0]], SamplingParams(max_tokens=6, temperature=0, stop_token_ids=[]))[0]
+    assert sum(greedy.token_logprobs) == pytest.approx(engine.logprobs([contexts[0]], [greedy.token_ids])[0][0], abs=1e-4)
+
+
+def test_bad_parameters(tok):
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="max_tokens must be at least 1"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="bidirectional"):
+        Engine(make_model(tok, causal=False), tok)
+    with pytest.raises(ValueError, match="2 prompts but 1"):
+        Engine(make_model(tok), tok).generate(["a", "b"], [SamplingParams()])
