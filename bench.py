@@ -6,6 +6,7 @@ JSON under bench_out/ (gitignored).
     python bench.py ttl       # time to the AdamW baseline's final validation loss: AdamW vs Muon
     python bench.py kernels   # each Triton kernel vs eager vs torch.compile: ms and memory (CUDA)
     python bench.py forgetting  # continued pretraining: new-domain gain, old-domain forgetting, replay
+    python bench.py generate  # generation tokens/s: the engine (KV cache, batched) vs recomputing
 
 Every ratio is measured in the same run on the same inputs; nothing here is a hard-coded number.
 """
@@ -414,8 +415,70 @@ def bench_forgetting(argv) -> dict:
     return results
 
 
+@dataclass
+class GenerateBenchConfig:
+    new_tokens: int = 0  # tokens generated per sequence (0 = 256 on CUDA, 128 on CPU)
+    prompt_tokens: int = 16  # prompt length
+    batch: int = 0  # the batched run's size (0 = 32 on CUDA, 16 on CPU)
+    out: str = "bench_out"  # where the JSON results go
+
+
+def bench_generate(argv) -> dict:
+    """Greedy generation with random weights (the speed does not depend on them): the engine at
+    batch 1 and batched, against the same model recomputing the whole sequence every token."""
+    cfg = parse_config(GenerateBenchConfig, argv)
+    import torch
+
+    from nanofm.engine import Engine, SamplingParams
+    from nanofm.model import ModelConfig, Transformer
+    from nanofm.tokenizer import Tokenizer
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    new, batch = cfg.new_tokens or (256 if cuda else 128), cfg.batch or (32 if cuda else 16)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("gpt2" if cuda else "tiny", vocab_size=50304 if cuda else 8192,
+                                           block_size=1024 if cuda else 256)).to(device).eval()
+    if cuda:
+        model = model.to(torch.bfloat16)
+    tokenizer = Tokenizer.from_merges([])  # bytes only: ids for the prompts and the end token
+    engine = Engine(model, tokenizer, batch_size=batch)
+    prompt = torch.randint(0, 256, (cfg.prompt_tokens,)).tolist()
+    params = SamplingParams(max_tokens=new, temperature=0, stop_token_ids=[])
+
+    def timed(fn):
+        fn()  # warm-up (allocations, kernels)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    runs = {
+        "engine, KV cache, batch 1": (1, lambda: engine.generate([prompt], params)),
+        f"engine, KV cache, batch {batch}": (batch, lambda: engine.generate([prompt] * batch, params)),
+        "recompute every token (no cache), batch 1": (1, lambda: model.generate(
+            torch.tensor([prompt], device=device), new, temperature=0, use_cache=False)),
+    }
+    results, rows = {}, []
+    for name, (n, fn) in runs.items():
+        seconds = timed(fn)
+        results[name] = {"batch": n, "new_tokens": new, "seconds": seconds, "tokens_per_s": n * new / seconds}
+        rows.append((name, f"{n} x {new}", f"{seconds:.2f} s", f"{n * new / seconds:,.0f}"))
+    one, many, naive = (results[k]["tokens_per_s"] for k in runs)
+    rows.append(("KV cache / recompute, batch 1", "", "", f"{one / naive:.1f}x"))
+    rows.append((f"batch {batch} / batch 1", "", "", f"{many / one:.1f}x"))
+    print(f"{'gpt2 bf16 on ' + torch.cuda.get_device_name() if cuda else 'tiny fp32 on CPU'}, prompt {cfg.prompt_tokens} tokens")
+    print(table(rows, ("generation", "sequences x new tokens", "time", "tokens/s")))
+    Path(cfg.out).mkdir(exist_ok=True)
+    Path(cfg.out, "generate.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
 BENCHMARKS = {"data": bench_data, "train": bench_train, "ttl": bench_ttl, "kernels": bench_kernels,
-              "forgetting": bench_forgetting}
+              "forgetting": bench_forgetting, "generate": bench_generate}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:

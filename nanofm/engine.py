@@ -133,7 +133,7 @@ class Engine:
         whole Completion afterwards."""
         params = params or SamplingParams()
         shown = 0
-        for (row,) in self._run([self.encode_prompt(prompt)], [params]):
+        for (row,) in self._run([self.encode_prompt(prompt)], [params], live_text=True):
             safe = row.text if row.finish_reason else self._safe_prefix(row)
             if len(safe) > shown:
                 yield safe[shown:]
@@ -150,8 +150,9 @@ class Engine:
         return text
 
     @torch.no_grad()
-    def _run(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list[_Row]]:
-        """Generate for one batch, yielding the rows after every step."""
+    def _run(self, prompts: list[list[int]], params: list[SamplingParams], live_text: bool = False) -> Iterator[list[_Row]]:
+        """Generate for one batch, yielding the rows after every step (with live_text, each row's
+        text is kept current at every step, for streaming)."""
         model, device, block = self.model, self.device, self.model.cfg.block_size
         vocab = self.tokenizer.vocab_size
         rows = [_Row(len(ids), p, set(p.stop_token_ids if p.stop_token_ids is not None else self.end_ids),
@@ -181,7 +182,9 @@ class Engine:
                 tokens[b, 0] = token
                 row.ids.append(token)
                 row.logprobs.append(float(logprobs[b, token]))
-                row.text = self.tokenizer.decode([t for t in row.ids if t not in row.stop_ids])
+                done = token in row.stop_ids or len(row.ids) >= row.budget
+                if p.stop or live_text or done:  # decoding every step costs time: only when something reads it
+                    row.text = self.tokenizer.decode([t for t in row.ids if t not in row.stop_ids])
                 hits = [row.text.index(s) for s in p.stop if s in row.text]
                 if hits:  # the text ends before the stop string; tokens after it are dropped
                     row.text, row.finish_reason = row.text[:min(hits)], "stop"
@@ -200,10 +203,11 @@ class Engine:
     # ---------------------------------------------------------- scoring
 
     @torch.no_grad()
-    def logprobs(self, contexts: list[list[int]], continuations: list[list[int]]) -> list[tuple[float, int]]:
+    def logprobs(self, contexts: list[list[int]], continuations: list[list[int]], greedy: bool = False) -> list[tuple]:
         """(summed log-probability, token count) of each continuation after its context, teacher
-        forced, over the tokenizer's vocabulary (as generation samples). Contexts longer than the
-        room left are cut from the left."""
+        forced, over the tokenizer's vocabulary (as generation samples); with greedy=True a third
+        value says whether every continuation token is the model's argmax. Contexts longer than
+        the room left are cut from the left."""
         model, block, results = self.model, self.model.cfg.block_size, []
         for start in range(0, len(contexts), self.batch_size):
             pairs = []
@@ -227,5 +231,9 @@ class Engine:
                 logits, _ = model(idx, attention_mask=mask)
             logp = F.log_softmax(logits[..., :self.tokenizer.vocab_size].float(), dim=-1)  # as sampled
             picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets >= 0)
-            results += [(float(picked[b].sum()), n) for b, (_, n) in enumerate(pairs)]
+            if greedy:
+                is_top = (logp.argmax(-1) == targets) | (targets < 0)
+                results += [(float(picked[b].sum()), n, bool(is_top[b].all())) for b, (_, n) in enumerate(pairs)]
+            else:
+                results += [(float(picked[b].sum()), n) for b, (_, n) in enumerate(pairs)]
         return results

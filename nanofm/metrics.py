@@ -306,15 +306,6 @@ def rouge(target: str, prediction: str, types: Sequence[str] = ("rouge1", "rouge
     return scores
 
 
-def corpus_rouge(targets: Sequence[str], predictions: Sequence[str], stem: bool = False) -> dict:
-    """Mean over pairs of each type's precision, recall and F (0-1)."""
-    if len(targets) != len(predictions) or not targets:
-        raise ValueError(f"need as many predictions as targets, at least one (got {len(predictions)} and {len(targets)})")
-    per_pair = [rouge(t, p, stem=stem) for t, p in zip(targets, predictions)]
-    return {kind: {k: sum(s[kind][k] for s in per_pair) / len(per_pair) for k in ("precision", "recall", "fmeasure")}
-            for kind in per_pair[0]}
-
-
 # ------------------------------------------------------------------ exact match
 
 def normalize_answer(text: str) -> str:

@@ -36,3 +36,29 @@ def markov(seed, words=500, successors=5):
         word = rng.choice(chain[word])
     lines = [" ".join(out[i:i + 12]).capitalize() + "." for i in range(0, len(out), 12)]
     return "\n".join(lines)
+
+
+CAPITALS = {"France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo", "Egypt": "Cairo", "Peru": "Lima",
+            "Kenya": "Nairobi", "Chile": "Santiago", "Norway": "Oslo", "Cuba": "Havana", "Ghana": "Accra", "Nepal": "Kathmandu"}
+
+
+def chat(seed, turns=4):
+    """A User/Bot conversation of capital-city questions (each answer follows from its question)."""
+    rng = random.Random(seed)
+    lines = [f"User: Hello, I am {rng.choice(NOUNS).capitalize()}.\nBot: Hello! How can I help?"]
+    for country in rng.sample(sorted(CAPITALS), turns):
+        lines.append(f"User: What is the capital of {country}?\nBot: The capital of {country} is {CAPITALS[country]}.")
+    return "\n".join(lines)
+
+
+def code(seed, functions=8):
+    rng = random.Random(seed)
+    return "\n".join(f"def {rng.choice(NOUNS)}_{j}(x, y):\n    return x * {rng.randint(2, 99)} + y - {rng.randint(1, 9)}\n"
+                     for j in range(functions))
+
+
+def domain_docs(n=30):
+    """jsonl records of three domains, for data/prepare.py --input docs.jsonl."""
+    return ([{"id": f"p{i}", "text": markov(100 + i), "domain": "prose"} for i in range(n)]
+            + [{"id": f"c{i}", "text": chat(i), "domain": "chat"} for i in range(n)]
+            + [{"id": f"k{i}", "text": code(i), "domain": "code"} for i in range(n)])
