@@ -121,9 +121,9 @@ def run_task(name: str, ck: Checkpoint, results: dict, out_dir: Path, label: str
     if name == "mlm":
         return tasks.mlm_task(ck.model, ck.tokenizer, ck.docs, max_docs=n, seed=cfg.seed)
     if name == "choice":
-        return tasks.choice_task(ck.engine, tasks.choice_items(ck.docs, n=n, seed=cfg.seed))
+        return tasks.choice_task(ck.engine, tasks.choice_items(ck.docs, n=n, seed=cfg.seed), progress=progress)
     if name == "hellaswag":
-        return tasks.choice_task(ck.engine, tasks.load_hellaswag(cfg.hellaswag_file or None, limit=n))
+        return tasks.choice_task(ck.engine, tasks.load_hellaswag(cfg.hellaswag_file or None, limit=n), progress=progress)
     if name == "lambada":
         items = tasks.load_lambada(cfg.lambada_file, limit=n) if cfg.lambada_file else tasks.lambada_items(ck.docs, n=n, seed=cfg.seed)
         return tasks.lambada_task(ck.engine, items)

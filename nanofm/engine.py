@@ -32,6 +32,7 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from nanofm.model import KVCache, Transformer, sample_next
 from nanofm.tokenizer import Tokenizer
@@ -120,7 +121,6 @@ class Engine:
             raise ValueError(f"{len(prompts)} prompts but {len(per_request)} sampling parameters")
         encoded = [self.encode_prompt(p) for p in prompts]
         results: list[Completion] = []
-        from tqdm import tqdm
         for start in tqdm(range(0, len(encoded), self.batch_size), desc="generate", disable=not progress):
             rows = None
             for rows in self._run(encoded[start:start + self.batch_size], per_request[start:start + self.batch_size]):
@@ -203,13 +203,14 @@ class Engine:
     # ---------------------------------------------------------- scoring
 
     @torch.no_grad()
-    def logprobs(self, contexts: list[list[int]], continuations: list[list[int]], greedy: bool = False) -> list[tuple]:
+    def logprobs(self, contexts: list[list[int]], continuations: list[list[int]], greedy: bool = False,
+                 progress: bool = False) -> list[tuple]:
         """(summed log-probability, token count) of each continuation after its context, teacher
         forced, over the tokenizer's vocabulary (as generation samples); with greedy=True a third
         value says whether every continuation token is the model's argmax. Contexts longer than
         the room left are cut from the left."""
         model, block, results = self.model, self.model.cfg.block_size, []
-        for start in range(0, len(contexts), self.batch_size):
+        for start in tqdm(range(0, len(contexts), self.batch_size), desc="score", disable=not progress):
             pairs = []
             for ctx, cont in zip(contexts[start:start + self.batch_size], continuations[start:start + self.batch_size]):
                 if not cont or not ctx:

@@ -199,7 +199,7 @@ def load_hellaswag(path: str | None = None, split: str = "validation", limit: in
     return items
 
 
-def choice_task(engine: Engine, items: Sequence[dict]) -> dict:
+def choice_task(engine: Engine, items: Sequence[dict], progress: bool = False) -> dict:
     """acc (summed log-probability) and acc_norm (per byte of the ending), overall and per domain."""
     tok, block = engine.tokenizer, engine.model.cfg.block_size
     encoded = [(tok.encode(item["ctx"], bos=True), [tok.encode(e) for e in item["endings"]]) for item in items]
@@ -212,7 +212,7 @@ def choice_task(engine: Engine, items: Sequence[dict]) -> dict:
     for ctx, ends in (e for e, ok in zip(encoded, fits) if ok):
         contexts += [ctx] * len(ends)
         endings += ends
-    scores = engine.logprobs(contexts, endings)
+    scores = engine.logprobs(contexts, endings, progress=progress)
     hits, k = defaultdict(lambda: [0, 0, 0]), 0
     for item in items:
         options = scores[k:k + len(item["endings"])]

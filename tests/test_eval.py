@@ -289,4 +289,8 @@ def test_bad_input(tmp_path, data_dir):
     save_checkpoint(tmp_path / "notok", 1, model, {"model": model.cfg.to_dict()})
     with pytest.raises(CheckpointError, match="no tokenizer.json"):
         evaluate.main(["--ckpt", str(tmp_path / "notok"), "--out_dir", str(tmp_path / "ev")])
+    other = Transformer(ModelConfig(vocab_size=576, n_layer=2, n_head=2, n_embd=32, block_size=64))
+    save_checkpoint(tmp_path / "mismatch", 1, other, {"model": model.cfg.to_dict()}, tokenizer_path=data_dir / "tokenizer.json")
+    with pytest.raises(CheckpointError, match="do not fit this model"):  # weights of another shape than meta.json says
+        evaluate.main(["--ckpt", str(tmp_path / "mismatch"), "--out_dir", str(tmp_path / "ev")])
     assert not (tmp_path / "ev").exists() and not list(tmp_path.glob(".tmp-*"))
