@@ -196,7 +196,8 @@ def headline(task: str, result: dict) -> dict[str, float]:
     if task == "classification":
         return {k: result[k] for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted")}
     if task == "robustness":
-        return {f"drop[{k}]": v["drop"] for k, v in result.items()}
+        return {**{f"drop[{k}]": v["drop"] for k, v in result.items()},
+                **{f"changed[{k}]": v["changed"] for k, v in result.items() if "changed" in v}}
     if task == "fairness":
         out = {}
         for group, r in result.items():

@@ -213,18 +213,22 @@ def choice_task(engine: Engine, items: Sequence[dict], progress: bool = False) -
         contexts += [ctx] * len(ends)
         endings += ends
     scores = engine.logprobs(contexts, endings, progress=progress)
-    hits, k = defaultdict(lambda: [0, 0, 0]), 0
+    hits, k, predicted = defaultdict(lambda: [0, 0, 0]), 0, []
     for item in items:
         options = scores[k:k + len(item["endings"])]
         k += len(item["endings"])
         raw = max(range(len(options)), key=lambda i: options[i][0])
+        predicted.append(raw)
         norm = max(range(len(options)), key=lambda i: options[i][0] / max(1, len(item["endings"][i].encode("utf-8"))))
         for key in ("all", item.get("domain", "all")):
             hits[key][0] += raw == item["label"]
             hits[key][1] += norm == item["label"]
             hits[key][2] += 1
     out = {key: {"acc": a / n, "acc_norm": b / n, "n": n} for key, (a, b, n) in hits.items()}
+    chosen = iter(predicted)
+    predicted = [next(chosen) if ok else None for ok in fits]  # one per item given; None: too long to score
     return {"acc": out["all"]["acc"], "acc_norm": out["all"]["acc_norm"], "n": out["all"]["n"], "too_long": too_long,
+            "predicted": predicted,
             "by_domain": {key: value for key, value in out.items() if key != "all"}, "chance": 1 / len(items[0]["endings"])}
 
 
@@ -372,21 +376,25 @@ def perturb(text: str, kind: str, rng: random.Random, rate: float = 0.1) -> str:
 
 
 def robustness_choice(engine: Engine, items: Sequence[dict], clean: dict, seed: int = 0) -> dict:
-    """acc under each perturbation of contexts and endings, and reordered options."""
+    """acc under each perturbation of contexts and endings, and reordered options; `changed` is
+    the share of items whose chosen option changed (accuracy can hide flips that cancel out)."""
     out = {}
     for kind in ("typos", "casing", "whitespace", "reorder"):
         rng = random.Random(seed)
-        changed = []
+        changed, orders = [], []
         for item in items:
+            order = list(range(len(item["endings"])))
             if kind == "reorder":
-                order = list(range(len(item["endings"])))
                 rng.shuffle(order)
                 changed.append({**item, "endings": [item["endings"][i] for i in order], "label": order.index(item["label"])})
             else:
                 changed.append({**item, "ctx": perturb(item["ctx"], kind, rng),
                                 "endings": [perturb(e, kind, rng) for e in item["endings"]]})
-        score = choice_task(engine, changed)["acc"]
-        out[kind] = {"acc": score, "drop": clean["acc"] - score}
+            orders.append(order)
+        result = choice_task(engine, changed)
+        flips = [order[new] != old for order, new, old in zip(orders, result["predicted"], clean["predicted"])
+                 if new is not None and old is not None]
+        out[kind] = {"acc": result["acc"], "drop": clean["acc"] - result["acc"], "changed": sum(flips) / max(1, len(flips))}
     return out
 
 

@@ -90,6 +90,9 @@ def test_choice_items_and_scores(data_dir):
                 scores.append(sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(ids)))
             hits += max(range(4), key=scores.__getitem__) == item["label"]
     assert result["acc"] == pytest.approx(hits / len(items)) and result["n"] == len(items)
+    robust = tasks.robustness_choice(Engine(model, tok), items, result)
+    assert robust["reorder"] == {"acc": result["acc"], "drop": 0.0, "changed": 0.0}  # options are scored one by one
+    assert robust["casing"]["changed"] > 0 and robust["casing"]["drop"] == result["acc"] - robust["casing"]["acc"]
     assert set(result["by_domain"]) == {item["domain"] for item in items}
 
 
