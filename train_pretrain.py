@@ -31,6 +31,7 @@ from nanofm.config import config_to_dict, parse_config  # noqa: E402
 from nanofm.data import (MixedLoader, ShardError, TokenLoader, mask_tokens, read_header, shard_paths,  # noqa: E402
                          unigram_entropy)
 from nanofm.model import ModelConfig, Transformer  # noqa: E402
+from nanofm.engine import Engine, SamplingParams  # noqa: E402
 from nanofm.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 from nanofm.train import TrainConfig, TrainingError, setup, teardown, train, wrap_model  # noqa: E402
 
@@ -181,12 +182,9 @@ def main(argv=None) -> dict:
         return loss * count, count, y
 
     def sample_fn(model, n_tokens):
-        prompt = torch.tensor([[tokenizer.bos_id]], device=ctx.device)
-        generator = torch.Generator(device=ctx.device).manual_seed(cfg.seed)  # leaves the global RNG alone
-        with ctx.autocast():
-            out = model.generate(prompt, min(n_tokens, mcfg.block_size - 1), temperature=0.8, top_k=50, generator=generator,
-                                 vocab_limit=tokenizer.vocab_size)
-        return tokenizer.decode(out[0, 1:].tolist())
+        # the shared engine; a fixed seed gives it its own generator, so the global RNG (and resume) is untouched
+        params = SamplingParams(max_tokens=min(n_tokens, mcfg.block_size - 1), temperature=0.8, top_k=50, seed=cfg.seed)
+        return Engine(model, tokenizer, device=ctx.device).generate([[tokenizer.bos_id]], params)[0].text
 
     tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum * ctx.world_size
     meta = {"model": mcfg.to_dict(), "stage": "pretrain", "objective": cfg.objective, "config": config_to_dict(cfg),

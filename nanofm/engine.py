@@ -91,10 +91,21 @@ class Engine:
                  batch_size: int = 16):
         if not model.cfg.causal:
             raise ValueError("generation needs a causal (GPT-style) model; this one is bidirectional")
-        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.end_ids = [tokenizer.special_tokens[t] for t in ("<|end|>",) if t in tokenizer.special_tokens]
         self.end_ids = sorted({tokenizer.eos_id, *self.end_ids})
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        """No dropout while generating or scoring; a model in training (samples during pretraining)
+        goes back to training mode afterwards."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
 
     def _autocast(self):
         if self.device.type == "cuda":
@@ -149,10 +160,14 @@ class Engine:
                     break
         return text
 
-    @torch.no_grad()
     def _run(self, prompts: list[list[int]], params: list[SamplingParams], live_text: bool = False) -> Iterator[list[_Row]]:
         """Generate for one batch, yielding the rows after every step (with live_text, each row's
         text is kept current at every step, for streaming)."""
+        with self._eval_mode():
+            yield from self._decode(prompts, params, live_text)
+
+    @torch.no_grad()
+    def _decode(self, prompts: list[list[int]], params: list[SamplingParams], live_text: bool) -> Iterator[list[_Row]]:
         model, device, block = self.model, self.device, self.model.cfg.block_size
         vocab = self.tokenizer.vocab_size
         rows = [_Row(len(ids), p, set(p.stop_token_ids if p.stop_token_ids is not None else self.end_ids),
@@ -202,13 +217,16 @@ class Engine:
 
     # ---------------------------------------------------------- scoring
 
-    @torch.no_grad()
     def logprobs(self, contexts: list[list[int]], continuations: list[list[int]], greedy: bool = False,
                  progress: bool = False) -> list[tuple]:
         """(summed log-probability, token count) of each continuation after its context, teacher
         forced, over the tokenizer's vocabulary (as generation samples); with greedy=True a third
         value says whether every continuation token is the model's argmax. Contexts longer than
         the room left are cut from the left."""
+        with self._eval_mode(), torch.no_grad():
+            return self._score(contexts, continuations, greedy, progress)
+
+    def _score(self, contexts, continuations, greedy: bool, progress: bool) -> list[tuple]:
         model, block, results = self.model, self.model.cfg.block_size, []
         for start in tqdm(range(0, len(contexts), self.batch_size), desc="score", disable=not progress):
             pairs = []
