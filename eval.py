@@ -31,8 +31,7 @@ import torch
 
 from nanofm import tasks
 from nanofm.checkpoint import CheckpointError, load_model, resolve
-from nanofm.config import config_to_dict, parse_config
-from nanofm.config import _closest as closest_names
+from nanofm.config import closest, config_to_dict, parse_config
 from nanofm.engine import Engine, SamplingParams
 from nanofm.tokenizer import Tokenizer, TokenizerError
 
@@ -344,7 +343,7 @@ def main(argv=None) -> dict | None:
         raise ValueError("give at least one checkpoint: --ckpt out/pretrain (repeat --ckpt to compare several)")
     for task in cfg.tasks:
         if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}{closest_names(task, list(TASKS)).replace('--', '')}; tasks: {', '.join(TASKS)}")
+            raise ValueError(f"unknown task {task!r}{closest(task, list(TASKS), prefix='')}; tasks: {', '.join(TASKS)}")
     if cfg.max_items < 1:
         raise ValueError(f"--max_items must be at least 1, got {cfg.max_items}")
     device = pick_device(cfg.device)

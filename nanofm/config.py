@@ -109,11 +109,12 @@ def _check_json_value(name: str, tp, value):
     return value
 
 
-def _closest(name: str, valid: list[str]) -> str:
+def closest(name: str, valid: list[str], prefix: str = "--") -> str:
+    """'; did you mean --a, --b?' naming the valid names closest to a wrong one, or ''."""
     close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
     if not close:  # a wrong separator ("vocab-size") or a prefix of a valid name
         close = [v for v in valid if name.replace("-", "_") in v][:3]
-    return f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+    return f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
 
 
 def build_parser(cls, description: str | None = None) -> argparse.ArgumentParser:
@@ -153,7 +154,7 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
     for token in unknown:
         if token.startswith("-"):
             flag = token.lstrip("-").split("=", 1)[0]
-            parser.error(f"unknown flag --{flag}{_closest(flag, names)}")
+            parser.error(f"unknown flag --{flag}{closest(flag, names)}")
         parser.error(f"unexpected argument {token!r} (settings are given as --name=value)")
 
     values: dict = {}
@@ -169,7 +170,7 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
             parser.error(f"--config file {path} must hold a JSON object of settings")
         for key, value in from_file.items():
             if key not in names:
-                parser.error(f"unknown key {key!r} in {path}{_closest(key, names)}")
+                parser.error(f"unknown key {key!r} in {path}{closest(key, names)}")
             try:
                 values[key] = _check_json_value(key, hints[key], value)
             except ValueError as exc:
