@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -247,6 +247,7 @@ def bench_train(argv) -> dict:
 class TimeToLossConfig:
     max_iters: int = 600  # steps of the AdamW baseline (the default CPU run)
     muon_iters: int = 0  # length of Muon's schedule (0 = max_iters): a shorter run can arrive sooner
+    muon_flag: list[str] = field(default_factory=list)  # extra train_pretrain flags for the Muon run (repeat), e.g. --muon_flag=--schedule=wsd
     eval_interval: int = 25  # evaluate this often to see when the target is crossed
     reuse_baseline: bool = False  # take the AdamW run from an earlier call (same settings) instead of rerunning it
     data_dir: str = "data/default"  # token shards
@@ -266,7 +267,7 @@ def bench_ttl(argv) -> dict:
         if not (name == "adamw" and cfg.reuse_baseline and (out_dir / "metrics.jsonl").exists()):
             train_pretrain.main([f"--optimizer={name}", f"--max_iters={iters}", f"--eval_interval={cfg.eval_interval}",
                                  f"--data_dir={cfg.data_dir}", f"--out_dir={out_dir}", "--sample_tokens=0",
-                                 "--checkpoint_interval=100000"])
+                                 "--checkpoint_interval=100000"] + (cfg.muon_flag if name == "muon" else []))
         runs[name] = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
     target = runs["adamw"][-1]["val_loss"]
     rows = []

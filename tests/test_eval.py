@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from nanofm import metrics, tasks
 from nanofm.checkpoint import CheckpointError, save_checkpoint
-from nanofm.engine import Engine
+from nanofm.engine import Engine, SamplingParams
 from nanofm.model import ModelConfig, Transformer
 from nanofm.tokenizer import Tokenizer
 from textgen import domain_docs
@@ -135,7 +135,7 @@ def test_generation_task_scores_the_engines_replies(data_dir):
     engine = Engine(small_lm(tok), tok)
     result = tasks.generation_task(engine, items[:6], max_tokens=10)
     replies = [o.text.strip() for o in engine.generate([i["prompt"] for i in items[:6]],
-                                                          tasks.SamplingParams(max_tokens=10, temperature=0, stop=["\n"]))]
+                                                          SamplingParams(max_tokens=10, temperature=0, stop=["\n"]))]
     refs = [i["references"] for i in items[:6]]
     assert result["exact_match"] == metrics.exact_match(replies, refs)
     assert result["rougeL"] == pytest.approx(sum(max(metrics.rouge(r, p)["rougeL"]["fmeasure"] for r in rs)
