@@ -34,6 +34,7 @@ from nanofm.checkpoint import CheckpointError, load_model, resolve
 from nanofm.config import closest, config_to_dict, parse_config
 from nanofm.engine import Engine, SamplingParams
 from nanofm.tokenizer import Tokenizer, TokenizerError
+from nanofm.train import pick_device
 
 
 @dataclass
@@ -70,12 +71,6 @@ def kind_of(model) -> str:
     if model.cfg.n_classes:
         return "classifier"
     return "lm" if model.cfg.causal else "mlm"
-
-
-def pick_device(name: str) -> str:
-    if name != "auto":
-        return name
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 class Checkpoint:

@@ -30,7 +30,7 @@ from nanofm.checkpoint import CheckpointError, load_model, read_meta, resolve  #
 from nanofm.config import config_to_dict, parse_config  # noqa: E402
 from nanofm.data import (MixedLoader, ShardError, TokenLoader, mask_tokens, read_header, shard_paths,  # noqa: E402
                          unigram_entropy)
-from nanofm.model import ModelConfig, Transformer  # noqa: E402
+from nanofm.model import ModelConfig, Transformer, padded_vocab  # noqa: E402
 from nanofm.engine import Engine, SamplingParams  # noqa: E402
 from nanofm.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 from nanofm.train import TrainConfig, TrainingError, setup, teardown, train, wrap_model  # noqa: E402
@@ -94,14 +94,13 @@ def build_model(cfg: PretrainConfig, tokenizer: Tokenizer, device_type: str) -> 
             overrides["causal"] = False
         elif preset == "bert-base":
             raise ValueError("the bert-base preset is bidirectional: use it with --objective=mlm")
-        vocab = 64 * -(-tokenizer.vocab_size // 64)  # padded to a multiple of 64 for fast matmuls
-        return Transformer(ModelConfig.preset(preset, vocab_size=vocab, **overrides)), None, None
+        return Transformer(ModelConfig.preset(preset, vocab_size=padded_vocab(tokenizer.vocab_size), **overrides)), None, None
     if cfg.init_from != "resume" and (Path(cfg.init_from) / "config.json").is_file():
         # a Hugging Face GPT-2 / Llama / BERT directory (e.g. GPT-2's downloaded weights)
         from nanofm.convert import from_hf, load_hf
         model = from_hf(load_hf(cfg.init_from))
         if model.cfg.vocab_size < tokenizer.vocab_size:  # GPT-2's 50257 rows + our special tokens
-            model = model.resized_vocab(64 * -(-tokenizer.vocab_size // 64))
+            model = model.resized_vocab(padded_vocab(tokenizer.vocab_size))
         meta, source = {"lineage": []}, Path(cfg.init_from)
     else:
         source = resolve(cfg.out_dir if cfg.init_from == "resume" else cfg.init_from)

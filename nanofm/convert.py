@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from nanofm.checkpoint import load_model, resolve, save_checkpoint
-from nanofm.model import ModelConfig, Transformer
+from nanofm.model import ModelConfig, Transformer, padded_vocab
 from nanofm.tokenizer import Tokenizer, TokenizerError
 
 
@@ -272,7 +272,7 @@ def import_(hf_dir: str | Path, out: Path) -> str:
         except TokenizerError as exc:
             note = f"; its tokenizer was not imported ({exc})"
     if tokenizer is not None and model.cfg.vocab_size < tokenizer.vocab_size:
-        model = model.resized_vocab(64 * -(-tokenizer.vocab_size // 64))  # room for our special tokens
+        model = model.resized_vocab(padded_vocab(tokenizer.vocab_size))  # room for our special tokens
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer_file = None
         if tokenizer is not None:

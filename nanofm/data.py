@@ -218,6 +218,20 @@ def mask_tokens(x, vocab_size: int, mask_id: int, special_ids: list[int], prob: 
     return inputs, targets
 
 
+def pad_batch(rows, value: int = 0, left: bool = False):
+    """(ids [B, T], mask [B, T]) from token lists of unequal length, padded with `value` on the
+    right (scoring, classifying) or on the left (generation: every prompt ends at the last column)."""
+    import torch
+
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        cols = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[b, cols], mask[b, cols] = torch.tensor(row, dtype=torch.long), 1
+    return ids, mask
+
+
 def unigram_entropy(data_dir, split: str = "train") -> float:
     """Entropy (nats/token) of the token distribution: the loss of a model that ignores context."""
     counts = np.zeros(0, dtype=np.int64)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from nanofm.data import pad_batch
 from nanofm.model import KVCache, Transformer, sample_next
 from nanofm.tokenizer import Tokenizer
 
@@ -93,8 +94,7 @@ class Engine:
             raise ValueError("generation needs a causal (GPT-style) model; this one is bidirectional")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.end_ids = [tokenizer.special_tokens[t] for t in ("<|end|>",) if t in tokenizer.special_tokens]
-        self.end_ids = sorted({tokenizer.eos_id, *self.end_ids})
+        self.end_ids = sorted({tokenizer.eos_id, tokenizer.special_tokens.get("<|end|>", tokenizer.eos_id)})
 
     @contextlib.contextmanager
     def _eval_mode(self):
@@ -174,11 +174,7 @@ class Engine:
                      block - len(ids), device) for ids, p in zip(prompts, params)]
         B, L = len(prompts), max(map(len, prompts))
         steps = max(r.budget for r in rows)
-        idx = torch.full((B, L), self.tokenizer.pad_id if "<|pad|>" in self.tokenizer.special_tokens else 0,
-                         dtype=torch.long)
-        mask = torch.zeros(B, L, dtype=torch.long)
-        for b, ids in enumerate(prompts):  # left padding: every prompt ends at column L - 1
-            idx[b, L - len(ids):], mask[b, L - len(ids):] = torch.tensor(ids), 1
+        idx, mask = pad_batch(prompts, left=True)  # every prompt ends at column L - 1
         idx, mask = idx.to(device), mask.to(device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = KVCache(model.cfg, B, L + steps, device, model.lm_head.weight.dtype)
@@ -237,14 +233,9 @@ class Engine:
                     raise ValueError(f"a continuation of {len(cont)} tokens does not fit the context of {block}")
                 seq = (list(ctx) + list(cont))[-block - 1:]  # the first token is only ever input
                 pairs.append((seq, len(cont)))
-            T = max(len(seq) - 1 for seq, _ in pairs)
-            idx = torch.zeros(len(pairs), T, dtype=torch.long)
-            targets = torch.full((len(pairs), T), -100, dtype=torch.long)
-            mask = torch.zeros(len(pairs), T, dtype=torch.long)
-            for b, (seq, n) in enumerate(pairs):  # right padding; targets only on the continuation
-                t = len(seq) - 1
-                idx[b, :t], mask[b, :t] = torch.tensor(seq[:-1]), 1
-                targets[b, t - n:t] = torch.tensor(seq[-n:])
+            idx, mask = pad_batch([seq[:-1] for seq, _ in pairs])
+            # targets only on the continuation: -100 (ignored) for the context and the padding
+            targets, _ = pad_batch([[-100] * (len(seq) - 1 - n) + seq[-n:] for seq, n in pairs], value=-100)
             idx, targets, mask = idx.to(self.device), targets.to(self.device), mask.to(self.device)
             with self._autocast():
                 logits, _ = model(idx, attention_mask=mask)

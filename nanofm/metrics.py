@@ -359,6 +359,8 @@ def sliding_window_nll(model, docs: Sequence[Sequence[int]], stride: int | None 
     sequences (each starting with bos, which is never predicted)."""
     from tqdm import tqdm
 
+    from nanofm.data import pad_batch
+
     context = model.cfg.block_size
     stride = stride or context // 2
     jobs = [(d, b, e, s) for d, ids in enumerate(docs) for b, e, s in windows(len(ids), context, stride)]
@@ -369,16 +371,12 @@ def sliding_window_nll(model, docs: Sequence[Sequence[int]], stride: int | None 
     try:
         for i in tqdm(range(0, len(jobs), batch_size), desc="perplexity", disable=not progress):
             batch = jobs[i:i + batch_size]
-            T = max(e - b for _, b, e, _ in batch) - 1
-            idx = torch.zeros(len(batch), T, dtype=torch.long)
-            targets = torch.full((len(batch), T), -100, dtype=torch.long)
-            for row, (d, b, e, s) in enumerate(batch):
-                window = torch.tensor(docs[d][b:e])
-                idx[row, :e - b - 1] = window[:-1]
-                targets[row, s - b - 1:e - b - 1] = window[s - b:]  # only predictions not scored before
+            idx, _ = pad_batch([docs[d][b:e - 1] for d, b, e, _ in batch])
+            # only the predictions not scored by an earlier window; -100 (ignored) elsewhere
+            targets, _ = pad_batch([[-100] * (s - b - 1) + list(docs[d][s:e]) for d, b, e, s in batch], value=-100)
             logits, _ = model(idx.to(device))
             nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), ignore_index=-100,
-                                  reduction="none").view(len(batch), T).sum(dim=1)
+                                  reduction="none").view(len(batch), -1).sum(dim=1)
             for row, (d, *_rest) in enumerate(batch):
                 per_doc[d] += float(nll[row])
     finally:

@@ -58,6 +58,11 @@ PRESETS = {
                       norm_position="post", mlp="gelu_exact", head_bias=True, norm_eps=1e-12),
 }
 
+def padded_vocab(n_tokens: int, multiple: int = 64) -> int:
+    """Embedding rows for a tokenizer of n_tokens: rounded up to a multiple of 64 for fast matmuls."""
+    return multiple * -(-n_tokens // multiple)
+
+
 # dense bf16 peak FLOP/s per GPU, for MFU
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from nanofm import metrics
-from nanofm.data import mask_tokens, split_of
+from nanofm.data import mask_tokens, pad_batch, split_of
 from nanofm.engine import Engine, SamplingParams
 from nanofm.tokenizer import Tokenizer
 
@@ -340,12 +340,7 @@ def classify(model, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int 
     device, probs = next(model.parameters()).device, []
     model.eval()
     for start in range(0, len(texts), batch_size):
-        ids = [classifier_input(tokenizer, t, model.cfg.block_size) for t in texts[start:start + batch_size]]
-        T = max(map(len, ids))
-        idx = torch.zeros(len(ids), T, dtype=torch.long)
-        mask = torch.zeros(len(ids), T, dtype=torch.long)
-        for b, row in enumerate(ids):
-            idx[b, :len(row)], mask[b, :len(row)] = torch.tensor(row), 1
+        idx, mask = pad_batch([classifier_input(tokenizer, t, model.cfg.block_size) for t in texts[start:start + batch_size]])
         probs.append(model.classify(idx.to(device), mask.to(device)).float().softmax(-1).cpu())
     return torch.cat(probs)
 

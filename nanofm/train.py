@@ -126,13 +126,17 @@ class Context:
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
 
+def pick_device(name: str = "auto") -> str:
+    """CUDA, else Apple MPS, else CPU for "auto"; any other name as given."""
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
 def setup(cfg: TrainConfig) -> Context:
     """Pick the device, join the process group under torchrun, seed every RNG."""
     ddp = int(os.environ.get("RANK", -1)) != -1
-    if cfg.device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    else:
-        device = cfg.device
+    device = pick_device(cfg.device)
     rank, local_rank, world_size = 0, 0, 1
     if ddp:
         rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
