@@ -13,7 +13,6 @@ With no arguments it prepares the built-in data if it is missing (data/prepare.p
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -25,15 +24,16 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from nanofm import __version__  # noqa: E402
-from nanofm.checkpoint import CheckpointError, load_model, read_meta, resolve  # noqa: E402
+from nanofm.checkpoint import CheckpointError, load_for_training, make_meta  # noqa: E402
+from nanofm.common import ConfigError, run_cli  # noqa: E402
 from nanofm.config import config_to_dict, parse_config  # noqa: E402
-from nanofm.data import (MixedLoader, ShardError, TokenLoader, mask_tokens, read_header, shard_paths,  # noqa: E402
-                         unigram_entropy)
-from nanofm.model import ModelConfig, Transformer, padded_vocab  # noqa: E402
+from nanofm.data import (MixedLoader, ShardError, TokenLoader, check_token_ids, mask_tokens, read_header,  # noqa: E402
+                         shard_paths, unigram_entropy)
 from nanofm.engine import Engine, SamplingParams  # noqa: E402
+from nanofm.model import ModelConfig, Transformer, padded_vocab  # noqa: E402
 from nanofm.tokenizer import Tokenizer, TokenizerError  # noqa: E402
-from nanofm.train import TrainConfig, TrainingError, setup, teardown, train, wrap_model  # noqa: E402
+from nanofm.train import (Run, TrainConfig, evaluate_nll, setup, teardown, token_byte_lengths, train,  # noqa: E402
+                          wrap_model)
 
 
 @dataclass
@@ -60,15 +60,22 @@ class PretrainConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.objective not in ("clm", "mlm"):
-            raise ValueError(f"--objective must be clm or mlm, got {self.objective!r}")
+            raise ConfigError(f"--objective must be clm or mlm, got {self.objective!r}")
         if not 0 < self.mask_prob < 1:
-            raise ValueError(f"--mask_prob must be between 0 and 1, got {self.mask_prob}")
+            raise ConfigError(f"--mask_prob must be between 0 and 1, got {self.mask_prob}")
         if not 0 <= self.replay_ratio < 1:
-            raise ValueError(f"--replay_ratio must be in [0, 1), got {self.replay_ratio}")
+            raise ConfigError(f"--replay_ratio must be in [0, 1), got {self.replay_ratio}")
         if self.replay_ratio > 0 and not self.replay_dir:
-            raise ValueError("--replay_ratio needs --replay_dir (the old data to replay)")
+            raise ConfigError("--replay_ratio needs --replay_dir (the old data to replay)")
+        if self.seq_len < 0:
+            raise ConfigError(f"--seq_len must be >= 0 (0 = the model's context), got {self.seq_len}")
+        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.replay_ratio > 0 and round(self.replay_ratio * self.batch_size) in (0, self.batch_size):
-            raise ValueError(f"--replay_ratio {self.replay_ratio} x --batch_size {self.batch_size} must leave at least "
+            raise ConfigError(f"--replay_ratio {self.replay_ratio} x --batch_size {self.batch_size} must leave at least "
                              f"one row for each of the new and the replayed data")
 
 
@@ -93,44 +100,87 @@ def build_model(cfg: PretrainConfig, tokenizer: Tokenizer, device_type: str) -> 
         if cfg.objective == "mlm":
             overrides["causal"] = False
         elif preset == "bert-base":
-            raise ValueError("the bert-base preset is bidirectional: use it with --objective=mlm")
+            raise ConfigError("the bert-base preset is bidirectional: use it with --objective=mlm")
         return Transformer(ModelConfig.preset(preset, vocab_size=padded_vocab(tokenizer.vocab_size), **overrides)), None, None
-    if cfg.init_from != "resume" and (Path(cfg.init_from) / "config.json").is_file():
-        # a Hugging Face GPT-2 / Llama / BERT directory (e.g. GPT-2's downloaded weights)
-        from nanofm.convert import from_hf, load_hf
-        model = from_hf(load_hf(cfg.init_from))
-        if model.cfg.vocab_size < tokenizer.vocab_size:  # GPT-2's 50257 rows + our special tokens
-            model = model.resized_vocab(padded_vocab(tokenizer.vocab_size))
-        meta, source = {"lineage": []}, Path(cfg.init_from)
-    else:
-        source = resolve(cfg.out_dir if cfg.init_from == "resume" else cfg.init_from)
-        meta = read_meta(source)
-        model, _ = load_model(source)
+    # a checkpoint, the latest of out_dir, or a Hugging Face GPT-2 / Llama / BERT directory
+    model, meta, source = load_for_training(cfg.out_dir if cfg.init_from == "resume" else cfg.init_from, tokenizer)
     if model.cfg.causal != (cfg.objective == "clm"):
-        raise ValueError(f"{source} is a {'causal' if model.cfg.causal else 'bidirectional'} model; "
-                         f"it cannot be trained with --objective={cfg.objective}")
-    if model.cfg.vocab_size < tokenizer.vocab_size:
-        raise TokenizerError(f"{source} has a vocabulary of {model.cfg.vocab_size} but the data in {cfg.data_dir} uses "
-                             f"{tokenizer.vocab_size} tokens; prepare the data with the checkpoint's tokenizer: "
-                             f"python data/prepare.py --tokenizer {source}/tokenizer.json ...")
+        raise ConfigError(f"{source} is a {'causal' if model.cfg.causal else 'bidirectional'} model; "
+                          f"it cannot be trained with --objective={cfg.objective}")
     asked = {k: v for k, v in overrides.items() if v is not None and k != "dropout"}
     differs = {k: (getattr(model.cfg, k), v) for k, v in asked.items() if getattr(model.cfg, k) != v}
     if differs:
         raise CheckpointError(f"{source} has a different shape than asked: "
                               + ", ".join(f"{k}={a} (asked {b})" for k, (a, b) in differs.items()))
+    if cfg.dropout is not None:
+        model.set_dropout(cfg.dropout)
     return model, meta, str(source)
 
 
-def check_tokenizers(cfg: PretrainConfig, tokenizer: Tokenizer, parent: str | None) -> None:
-    """Every data source and the starting checkpoint must share one tokenizer: ids mean nothing across two."""
-    if parent and (Path(parent) / "tokenizer.json").exists() and not Tokenizer.load(parent).same_as(tokenizer):
-        raise TokenizerError(f"{cfg.data_dir} was tokenized with another tokenizer than the checkpoint {parent}; "
-                             f"prepare it again with: python data/prepare.py --tokenizer {parent}/tokenizer.json "
-                             f"--out {cfg.data_dir} --force ...")
+def check_data_tokenizers(cfg: PretrainConfig, tokenizer: Tokenizer) -> None:
+    """Every data source must share one tokenizer: ids mean nothing across two. (The starting
+    checkpoint's is checked when it is loaded.)"""
     for other in ([cfg.replay_dir] if cfg.replay_dir else []) + list(cfg.eval_dirs):
         if not Tokenizer.load(other).same_as(tokenizer):
             raise TokenizerError(f"{other} and {cfg.data_dir} use different tokenizers; prepare one with the other's: "
                                  f"python data/prepare.py --tokenizer {cfg.data_dir}/tokenizer.json --out {other} ...")
+
+
+class LanguageModeling:
+    """The pretraining objective: next-token (clm) or masked-token (mlm) cross-entropy; evaluated
+    as validation loss and bits per byte on the data dir and on each extra one (old domains)."""
+
+    def __init__(self, cfg: PretrainConfig, ctx, tokenizer: Tokenizer, model_cfg: ModelConfig, seq_len: int):
+        self.cfg, self.ctx, self.tokenizer, self.model_cfg, self.seq_len = cfg, ctx, tokenizer, model_cfg, seq_len
+        self.specials = sorted(tokenizer.special_tokens.values())
+        self.token_bytes = token_byte_lengths(tokenizer, ctx.device)
+        extra = dict.fromkeys(([cfg.replay_dir] if cfg.replay_dir else []) + list(cfg.eval_dirs))
+        self.val_dirs = {"": cfg.data_dir, **{Path(d).name: d for d in extra}}
+        for data_dir in self.val_dirs.values():  # fail now, not at the first evaluation
+            self.val_loader(data_dir)
+
+    def val_loader(self, data_dir):  # a small validation split may not hold a full step: evaluate on fewer rows
+        ctx = self.ctx
+        val_tokens = sum(read_header(p)["tokens"] for p in shard_paths(data_dir, "val"))
+        rows = max(1, min(self.cfg.batch_size, (val_tokens - 1) // (ctx.world_size * self.seq_len)))
+        return TokenLoader(data_dir, "val", rows, self.seq_len, ctx.rank, ctx.world_size, ctx.device)
+
+    def _inputs(self, batch, step):
+        x, y = batch
+        if self.cfg.objective == "mlm":  # a generator per (step, rank): the same masks after a resume
+            generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 101 + self.ctx.rank)
+            x, y = mask_tokens(x, self.model_cfg.vocab_size, self.tokenizer.mask_id, self.specials, self.cfg.mask_prob,
+                               generator)
+        return x, y
+
+    def loss(self, model, batch, step):
+        x, y = self._inputs(batch, step)
+        _, loss = model(x, y)
+        return loss, (y != -100).sum(), {}
+
+    def _nll_sum(self, model, batch, step):
+        x, y = self._inputs(batch, step)
+        _, loss = model(x, y)
+        count = int((y != -100).sum())
+        return loss * count, count, y
+
+    def evaluate(self, model) -> dict:
+        results = {}
+        for name, data_dir in self.val_dirs.items():
+            r = evaluate_nll(model, self._nll_sum, lambda d=data_dir: self.val_loader(d), self.cfg.eval_iters, self.ctx,
+                             self.token_bytes)
+            suffix = f"_{name}" if name else ""
+            results[f"val_loss{suffix}"], results[f"val_bpb{suffix}"] = r["loss"], r["bpb"]
+        return results
+
+    def sample(self, model) -> str | None:
+        if not self.model_cfg.causal:
+            return None
+        # the shared engine; a fixed seed gives it its own generator, so the global RNG (and resume) is untouched
+        params = SamplingParams(max_tokens=min(self.cfg.sample_tokens, self.model_cfg.block_size - 1), temperature=0.8,
+                                top_k=50, seed=self.cfg.seed)
+        return Engine(model, self.tokenizer, device=self.ctx.device, dtype=self.ctx.dtype).generate(
+            [[self.tokenizer.bos_id]], params)[0].text
 
 
 def main(argv=None) -> dict:
@@ -141,19 +191,17 @@ def main(argv=None) -> dict:
         torch.distributed.barrier()  # the other ranks wait for the data
     tokenizer = Tokenizer.load(cfg.data_dir)
     model, parent_meta, parent = build_model(cfg, tokenizer, ctx.device_type)
-    check_tokenizers(cfg, tokenizer, parent)
+    check_data_tokenizers(cfg, tokenizer)
+    for data_dir in [cfg.data_dir, cfg.replay_dir, *cfg.eval_dirs]:  # a corrupt shard fails now, naming its file
+        if data_dir:
+            check_token_ids(data_dir, tokenizer.vocab_size)
     mcfg = model.cfg
     seq_len = cfg.seq_len or mcfg.block_size
     if seq_len > mcfg.block_size:
-        raise ValueError(f"--seq_len {seq_len} is longer than the model's context ({mcfg.block_size})")
+        raise ConfigError(f"--seq_len {seq_len} is longer than the model's context ({mcfg.block_size})")
     if not cfg.lr:  # small models learn faster with a larger step; GPT-2-sized ones need 6e-4
         cfg.lr = 2e-3 if model.num_params() < 50e6 else 6e-4
-    model, raw_model = wrap_model(model, cfg, ctx)
-
-    def val_loader(data_dir):  # a small validation split may not hold a full step: evaluate on fewer rows
-        val_tokens = sum(read_header(p)["tokens"] for p in shard_paths(data_dir, "val"))
-        rows = max(1, min(cfg.batch_size, (val_tokens - 1) // (ctx.world_size * seq_len)))
-        return TokenLoader(data_dir, "val", rows, seq_len, ctx.rank, ctx.world_size, ctx.device)
+    models = wrap_model(model, cfg, ctx)
 
     def train_rows(data_dir, rows):
         return TokenLoader(data_dir, "train", rows, seq_len, ctx.rank, ctx.world_size, ctx.device)
@@ -164,41 +212,19 @@ def main(argv=None) -> dict:
                                    train_rows(cfg.replay_dir, replay_rows))
     else:
         train_loader = train_rows(cfg.data_dir, cfg.batch_size)
-    val_loader(cfg.data_dir)  # fail now, not at the first evaluation, if the validation split is unusable
-    extra_evals = {Path(d).name: (lambda d=d: val_loader(d))
-                   for d in dict.fromkeys(([cfg.replay_dir] if cfg.replay_dir else []) + list(cfg.eval_dirs))}
-    specials = sorted(tokenizer.special_tokens.values())
+    objective = LanguageModeling(cfg, ctx, tokenizer, mcfg, seq_len)
 
-    def loss_fn(model, batch, step, reduction="mean"):
-        x, y = batch
-        if cfg.objective == "mlm":  # a generator per (step, rank): the same masks after a resume
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + ctx.rank)
-            x, y = mask_tokens(x, mcfg.vocab_size, tokenizer.mask_id, specials, cfg.mask_prob, generator)
-        _, loss = model(x, y)
-        if reduction == "mean":
-            return loss
-        count = int((y != -100).sum())
-        return loss * count, count, y
-
-    def sample_fn(model, n_tokens):
-        # the shared engine; a fixed seed gives it its own generator, so the global RNG (and resume) is untouched
-        params = SamplingParams(max_tokens=min(n_tokens, mcfg.block_size - 1), temperature=0.8, top_k=50, seed=cfg.seed)
-        return Engine(model, tokenizer, device=ctx.device).generate([[tokenizer.bos_id]], params)[0].text
-
-    tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum * ctx.world_size
-    meta = {"model": mcfg.to_dict(), "stage": "pretrain", "objective": cfg.objective, "config": config_to_dict(cfg),
-            "tokenizer": tokenizer.name, "data_dir": str(cfg.data_dir), "parent": parent,
-            "lineage": (parent_meta or {}).get("lineage", []) + ([parent] if parent else []),
-            "nanofm_version": __version__}
+    meta = make_meta(stage="pretrain", objective=cfg.objective, model=mcfg, config=config_to_dict(cfg),
+                     tokenizer=tokenizer.name, data_dir=str(cfg.data_dir), parent=parent, parent_meta=parent_meta)
+    run = Run(Path(cfg.out_dir), meta, tokenizer_path=Path(cfg.data_dir) / "tokenizer.json",
+              resume_from=Path(parent) if cfg.init_from == "resume" else None)
     if ctx.master:
-        print(f"model: {raw_model.num_params(non_embedding=False) / 1e6:.2f}M parameters, "
+        tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum * ctx.world_size
+        print(f"model: {models.raw.num_params(non_embedding=False) / 1e6:.2f}M parameters, "
               f"{'causal' if mcfg.causal else 'bidirectional'}, {mcfg.n_layer} layers x {mcfg.n_embd} wide, context {mcfg.block_size}; "
               f"device {ctx.device} x {ctx.world_size}, {str(ctx.dtype).replace('torch.', '')}; "
               f"{tokens_per_step:,} tokens per step")
-    resume_from = parent if cfg.init_from == "resume" else None
-    result = train(cfg, ctx, model, raw_model, loss_fn, train_loader, lambda: val_loader(cfg.data_dir), cfg.out_dir, meta,
-                   tokens_per_step, tokenizer, Path(cfg.data_dir) / "tokenizer.json", resume_from,
-                   sample_fn if mcfg.causal else None, extra_evals)
+    result = train(cfg, ctx, models, objective, train_loader, run)
     if ctx.master:
         entropy = unigram_entropy(cfg.data_dir)
         result["unigram_entropy"] = entropy
@@ -209,13 +235,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ShardError, TokenizerError, CheckpointError, TrainingError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.stdout.flush()
-        os._exit(1)  # under torchrun, exit without waiting on the other ranks
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        os._exit(0)  # gloo can abort at interpreter exit after destroy_process_group
+    run_cli(main)

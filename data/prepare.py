@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from nanofm.common import ConfigError, NanofmError, atomic_write_text, run_cli  # noqa: E402
 from nanofm.config import config_to_dict, parse_config  # noqa: E402
 from nanofm.curate import CurateConfig, curate, plot_report  # noqa: E402
 
@@ -58,9 +58,9 @@ class PrepareConfig(CurateConfig):
     def __post_init__(self):
         super().__post_init__()
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"--val_fraction must be between 0 and 1, got {self.val_fraction}")
+            raise ConfigError(f"--val_fraction must be between 0 and 1, got {self.val_fraction}")
         if self.tokenizer == "bpe" and self.vocab_size < 512:
-            raise ValueError(f"--vocab_size must be at least 512 for a BPE, got {self.vocab_size}")
+            raise ConfigError(f"--vocab_size must be at least 512 for a BPE, got {self.vocab_size}")
 
 
 # Settings that change each step's output. A change invalidates that step and those after it.
@@ -73,19 +73,21 @@ STEP_SETTINGS = {
 MANIFEST = "prepare.json"
 
 
-class PrepareError(Exception):
+class PrepareError(NanofmError):
     pass
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def manifest_name(cfg: PrepareConfig) -> str:
     # ranks of a sharded run may share one directory: each keeps its own record
     return f"prepare-{cfg.rank:05d}-of-{cfg.world_size:05d}.json" if cfg.world_size > 1 else MANIFEST
+
+
+def output_names(cfg: PrepareConfig) -> list[str]:
+    """The files this run writes (shards aside)."""
+    if cfg.world_size > 1:
+        part = f"{cfg.rank:05d}-of-{cfg.world_size:05d}"
+        return [f"curated-{part}.jsonl", f"report-{part}.json", f"report-{part}.png", manifest_name(cfg)]
+    return ["curated.jsonl", "report.json", "report.png", "tokenizer.json", MANIFEST]
 
 
 def load_manifest(out: Path, cfg: PrepareConfig) -> dict:
@@ -97,6 +99,13 @@ def load_manifest(out: Path, cfg: PrepareConfig) -> dict:
         if out.exists() and any(out.iterdir()) and not any(out.glob("prepare*.json")):
             raise PrepareError(f"--out {out} already holds files that data/prepare.py did not make; "
                                f"choose a new or empty directory (user files are never overwritten)")
+        # another rank's record (prepare-*-of-*.json) does not make this run's outputs ours
+        taken = [name for name in output_names(cfg) if (out / name).exists()] + [p.name for p in out.glob("train_*.bin")] \
+            + [p.name for p in out.glob("val_*.bin")]
+        if taken:
+            raise PrepareError(f"--out {out} already holds {', '.join(taken[:3])}, which this run would write but "
+                               f"data/prepare.py has no record of making; choose a new or empty directory "
+                               f"(user files are never overwritten)")
         return {"settings": {}, "steps": {}}
     manifest = json.loads(path.read_text())
     settings = config_to_dict(cfg)
@@ -124,7 +133,7 @@ def finish_step(manifest: dict, step: str, out: Path, cfg: PrepareConfig, output
     manifest["steps"][step] = {"outputs": {n: (out / n).stat().st_size for n in outputs}, **info}
     for later in list(STEP_SETTINGS)[list(STEP_SETTINGS).index(step) + 1:]:
         manifest["steps"].pop(later, None)  # everything after a rebuilt step is stale
-    write_atomic(out / manifest_name(cfg), json.dumps(manifest, indent=1))
+    atomic_write_text(out / manifest_name(cfg), json.dumps(manifest, indent=1))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -178,9 +187,9 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         lines = "".join(json.dumps({k: d[k] for k in ("id", "text", "source", "domain", "meta")}, ensure_ascii=False) + "\n"
                         for d in docs)
-        write_atomic(out / curated_name, lines)
+        atomic_write_text(out / curated_name, lines)
         plot_report(report, out / f"{report_name}.png")
-        write_atomic(out / f"{report_name}.json", json.dumps({k: v for k, v in report.items() if k != "_lengths"}, indent=1))
+        atomic_write_text(out / f"{report_name}.json", json.dumps({k: v for k, v in report.items() if k != "_lengths"}, indent=1))
         finish_step(manifest, "curate", out, cfg, [curated_name, f"{report_name}.json", f"{report_name}.png"])
     print(f"curate: {report['input']['docs']:,} documents in, {len(docs):,} out "
           f"({report['output']['chars'] / 1e6:.1f}M characters; {report.get('seconds', 0)}s)")
@@ -246,10 +255,10 @@ def main(argv=None) -> int:
                                                "shards": len(files), "bytes_per_token": round(n_bytes / max(1, n_tokens), 3)}
         report["tokens"] = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, **token_stats,
                             "bytes_per_token_val": token_stats["per_split"]["val"]["bytes_per_token"]}
-        write_atomic(out / "report.json", json.dumps({k: v for k, v in report.items() if k != "_lengths"}, indent=1))
+        atomic_write_text(out / "report.json", json.dumps({k: v for k, v in report.items() if k != "_lengths"}, indent=1))
         finish_step(manifest, "shards", out, cfg, written)
         manifest["steps"]["curate"]["outputs"]["report.json"] = (out / "report.json").stat().st_size
-        write_atomic(out / MANIFEST, json.dumps(manifest, indent=1))
+        atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
         for split, s in token_stats["per_split"].items():
             print(f"shards: {split}: {s['docs']:,} documents, {s['tokens']:,} tokens in {s['shards']} shard(s), "
                   f"{s['bytes_per_token']} bytes/token")
@@ -258,11 +267,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from nanofm.data import ShardError
-    from nanofm.sources import SourceError
-    from nanofm.tokenizer import TokenizerError
-    try:
-        sys.exit(main())
-    except (PrepareError, SourceError, TokenizerError, ShardError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

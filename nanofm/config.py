@@ -20,6 +20,8 @@ Design decisions:
   keys in the file are errors too.
 - bool fields accept `--flag` (true), `--flag=false`; list fields repeat (`--input a --input b`);
   Optional fields accept `none`.
+- A bad flag or value raises ConfigError (nanofm/common.py), which the scripts print as
+  `error: ...` and exit 1, like every other user error (argparse itself would exit 2).
 - `config_to_dict` gives the resolved config as plain JSON for `meta.json` and reports.
 """
 
@@ -35,6 +37,7 @@ import sys
 import types
 import typing
 from pathlib import Path
+from nanofm.common import ConfigError
 
 
 def field_comments(cls) -> dict[str, str]:
@@ -99,28 +102,44 @@ def _check_json_value(name: str, tp, value):
         return None
     if typing.get_origin(base) is list:
         if not isinstance(value, list):
-            raise ValueError(f"config key {name!r} must be a list, got {value!r}")
+            raise ConfigError(f"config key {name!r} must be a list, got {value!r}")
         item = typing.get_args(base)[0] if typing.get_args(base) else str
         return [_check_json_value(name, item, v) for v in value]
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if base in (int, float, str, bool) and (type(value) is not base):
-        raise ValueError(f"config key {name!r} must be {base.__name__}, got {value!r}")
+        raise ConfigError(f"config key {name!r} must be {base.__name__}, got {value!r}")
     return value
+
+
+# names other frameworks use for our settings (Hugging Face, PyTorch Lightning, nanoGPT's configurator)
+SYNONYMS = {"learning_rate": "lr", "max_steps": "max_iters", "num_steps": "max_iters", "steps": "max_iters",
+            "output_dir": "out_dir", "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+            "warmup_steps": "warmup_iters", "max_grad_norm": "grad_clip", "eval_steps": "eval_interval",
+            "save_steps": "checkpoint_interval", "logging_steps": "log_interval", "resume_from_checkpoint": "init_from"}
 
 
 def closest(name: str, valid: list[str], prefix: str = "--") -> str:
     """'; did you mean --a, --b?' naming the valid names closest to a wrong one, or ''."""
+    if SYNONYMS.get(name) in valid:
+        return f"; did you mean {prefix}{SYNONYMS[name]}?"
     close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
     if not close:  # a wrong separator ("vocab-size") or a prefix of a valid name
         close = [v for v in valid if name.replace("-", "_") in v][:3]
     return f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, except that a usage error raises ConfigError instead of exiting with status 2."""
+
+    def error(self, message):
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser(cls, description: str | None = None) -> argparse.ArgumentParser:
     hints = typing.get_type_hints(cls)
     comments = field_comments(cls)
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=description or (cls.__doc__ or "").strip(),
         allow_abbrev=False,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -178,7 +197,9 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
     values.update({k: v for k, v in vars(args).items() if k != "config"})
     try:
         return cls(**values)
-    except (ValueError, TypeError) as exc:  # __post_init__ validation names the bad setting
+    except ConfigError:  # __post_init__ validation names the bad setting
+        raise
+    except (ValueError, TypeError) as exc:
         parser.error(str(exc))
 
 

@@ -36,12 +36,14 @@ from pathlib import Path
 
 import torch
 
-from nanofm.checkpoint import load_model, resolve, save_checkpoint
+from nanofm.common import NanofmError, run_cli
+from nanofm.config import ArgumentParser
+from nanofm.checkpoint import load_model, make_meta, resolve, save_checkpoint
 from nanofm.model import ModelConfig, Transformer, padded_vocab
 from nanofm.tokenizer import Tokenizer, TokenizerError
 
 
-class ConversionError(ValueError):
+class ConversionError(NanofmError, ValueError):
     pass
 
 
@@ -161,6 +163,9 @@ def to_hf(model: Transformer):
 def from_hf(hf) -> Transformer:
     """Our model with the weights of a GPT2LMHeadModel, LlamaForCausalLM or BertForMaskedLM."""
     c, theirs = hf.config, hf.state_dict()
+    problems = unsupported_settings(c)
+    if problems:
+        raise ConversionError(f"this {c.model_type} model uses settings nanofm cannot express: {'; '.join(problems)}")
     if c.model_type == "gpt2":
         cfg = ModelConfig(vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
                           block_size=c.n_positions, mlp_hidden=c.n_inner or 4 * c.n_embd, norm_eps=c.layer_norm_epsilon)
@@ -193,9 +198,6 @@ def from_hf(hf) -> Transformer:
                           n_embd=c.hidden_size, block_size=c.max_position_embeddings, mlp_hidden=c.intermediate_size,
                           norm_eps=c.layer_norm_eps, tie_embeddings=bool(c.tie_word_embeddings),
                           **{k: v for k, v in LAYOUTS["bert"].items()})
-        if c.hidden_act != "gelu" or getattr(c, "position_embedding_type", "absolute") != "absolute":
-            raise ConversionError(f"this BERT uses {c.hidden_act} / {getattr(c, 'position_embedding_type', '?')} positions; nanofm's "
-                                  f"BERT layout has exact GELU and absolute positions")
         state = {mine: theirs[f"bert.{name}"] for mine, name in _BERT_NAMES.items()}
         # no token types in nanofm: BERT adds type 0 everywhere when none are given, so fold it in
         state["transformer.wpe.weight"] = state["transformer.wpe.weight"] + theirs["bert.embeddings.token_type_embeddings.weight"][0]
@@ -217,14 +219,66 @@ def from_hf(hf) -> Transformer:
     return model.eval()
 
 
+def unsupported_settings(c) -> list[str]:
+    """The settings of a Hugging Face config that nanofm's Transformer cannot express (importing
+    such a model would silently compute other logits)."""
+    problems = []
+    if c.model_type == "gpt2":
+        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+            problems.append(f"activation_function={c.activation_function!r} (nanofm's GPT-2 uses tanh-approximated GELU)")
+        for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+            if getattr(c, flag, False):
+                problems.append(f"{flag}=True")
+        if not getattr(c, "scale_attn_weights", True):
+            problems.append("scale_attn_weights=False")
+    elif c.model_type == "llama":
+        for flag in ("attention_bias", "mlp_bias"):
+            if getattr(c, flag, False):
+                problems.append(f"{flag}=True (nanofm's Llama layout has no biases)")
+        # newer transformers fold rope_scaling into rope_parameters; either way only the plain type is ours
+        for rope in (getattr(c, "rope_parameters", None), getattr(c, "rope_scaling", None)):
+            kind = (rope or {}).get("rope_type", (rope or {}).get("type", "default"))
+            if kind != "default":
+                problems.append(f"rope scaling of type {kind!r} (nanofm's RoPE is unscaled)")
+                break
+        if c.hidden_act != "silu":
+            problems.append(f"hidden_act={c.hidden_act!r} (nanofm's SwiGLU uses silu)")
+        head_dim = getattr(c, "head_dim", None)
+        if head_dim is not None and head_dim * c.num_attention_heads != c.hidden_size:
+            problems.append(f"head_dim={head_dim} with {c.num_attention_heads} heads of a {c.hidden_size}-wide model")
+    elif c.model_type == "bert":
+        if c.hidden_act != "gelu":
+            problems.append(f"hidden_act={c.hidden_act!r} (nanofm's BERT layout uses exact GELU)")
+        if getattr(c, "position_embedding_type", "absolute") != "absolute":
+            problems.append(f"position_embedding_type={c.position_embedding_type!r} (nanofm's BERT has absolute positions)")
+        if getattr(c, "is_decoder", False) or getattr(c, "add_cross_attention", False):
+            problems.append("a BERT decoder / cross-attention")
+    return problems
+
+
 def load_hf(path: str | Path):
-    """A saved GPT-2 / Llama (causal LM) or BERT (masked LM) model directory."""
+    """A saved GPT-2 / Llama (causal LM) or BERT (masked LM) model directory. The architecture and
+    every setting are checked from config.json before any weight is read."""
     transformers = _require_transformers()
-    if not (Path(path) / "config.json").is_file():
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
         raise ConversionError(f"{path} has no config.json: expected a directory written by transformers' save_pretrained")
-    kind = transformers.AutoConfig.from_pretrained(path).model_type
+    try:
+        kind = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ConversionError(f"{config_file} is not a JSON object ({exc})") from None
+    if kind not in LAYOUTS:
+        raise ConversionError(f"{config_file}: cannot import a {kind!r} model: nanofm reads {', '.join(LAYOUTS)}")
+    config = transformers.AutoConfig.from_pretrained(path)
+    problems = unsupported_settings(config)
+    if problems:
+        raise ConversionError(f"{config_file}: this {kind} model uses settings nanofm's Transformer cannot express, so its "
+                              f"logits would differ: {'; '.join(problems)}")
     auto = transformers.AutoModelForMaskedLM if kind == "bert" else transformers.AutoModelForCausalLM
-    return auto.from_pretrained(path)
+    try:
+        return auto.from_pretrained(path)
+    except OSError as exc:
+        raise ConversionError(f"{path}: the weights could not be read ({str(exc).splitlines()[0]})") from None
 
 
 def to_hf_tokenizer(tokenizer: Tokenizer):
@@ -278,13 +332,14 @@ def import_(hf_dir: str | Path, out: Path) -> str:
         if tokenizer is not None:
             tokenizer_file = Path(scratch) / "tokenizer.json"
             tokenizer.save(tokenizer_file)
-        save_checkpoint(out, 0, model, {"model": model.cfg.to_dict(), "stage": "imported", "parent": str(hf_dir),
-                                        "tokenizer": tokenizer.name if tokenizer else None}, tokenizer_path=tokenizer_file)
+        meta = make_meta(stage="imported", model=model.cfg, config={"import": str(hf_dir)}, parent=str(hf_dir),
+                         tokenizer=tokenizer.name if tokenizer else None)
+        save_checkpoint(out, 0, model, meta, tokenizer_path=tokenizer_file)
     return f"wrote a nanofm checkpoint to {out}{' with its tokenizer' if tokenizer else ''}{note}"
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="convert between nanofm checkpoints and Hugging Face models")
+    parser = ArgumentParser(description="convert between nanofm checkpoints and Hugging Face models")
     parser.add_argument("--export", dest="export_from", metavar="CKPT", help="a nanofm checkpoint or run directory")
     parser.add_argument("--import", dest="import_from", metavar="HF_DIR",
                         help="a saved GPT2LMHeadModel / LlamaForCausalLM / BertForMaskedLM directory")
@@ -295,13 +350,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if out.exists():
         parser.error(f"--out {out} already exists; choose a new directory (nothing is overwritten)")
-    try:
-        print(export(args.export_from, out) if args.export_from else import_(args.import_from, out))
-    except (ConversionError, TokenizerError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    print(export(args.export_from, out) if args.export_from else import_(args.import_from, out))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

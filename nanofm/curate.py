@@ -2,7 +2,7 @@
 
     docs = sources.iter_inputs(["builtin"], stats)
     kept, report = curate(docs, CurateConfig())
-    write_report(report, "data/default")      # report.json + report.png
+    plot_report(report, "data/default/report.png")   # data/prepare.py writes report.json beside it
 
 Steps, in order (each removal is counted with its reason, per step and per domain):
   decode -> normalise -> quality -> language -> pii      (nanofm/filters.py, one doc at a time,
@@ -22,6 +22,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import difflib
 import math
 import multiprocessing
 import os
@@ -35,8 +36,11 @@ import numpy as np
 from tqdm import tqdm
 
 from nanofm import filters
+from nanofm.common import ConfigError
 from nanofm.dedup import MinHasher, exact_key, near_duplicate_clusters
 from nanofm.sources import stable_hash
+
+DOMAINS = ("prose", "code", "chat", "web")  # the domains nanofm's sources assign (user JSONL may add others)
 
 
 @dataclass
@@ -98,20 +102,31 @@ class CurateConfig:
     def __post_init__(self):
         self.mix_weights()  # validate early
         if not 0 <= self.rank < max(1, self.world_size):
-            raise ValueError(f"rank must be in [0, world_size), got rank={self.rank} world_size={self.world_size}")
+            raise ConfigError(f"rank must be in [0, world_size), got rank={self.rank} world_size={self.world_size}")
 
     def mix_weights(self) -> dict[str, float]:
         weights = {}
         for item in filter(None, (p.strip() for p in self.mix.split(","))):
             domain, sep, weight = item.partition(":")
             try:
-                weights[domain] = float(weight)
+                weights[domain.strip()] = float(weight)
             except ValueError:
-                weights[domain] = -1.0
-            if not sep or weights[domain] < 0:
-                raise ValueError(f"--mix must be domain:weight pairs with weights >= 0, like "
-                                 f"'prose:1,code:0.5'; got {item!r}")
+                weights[domain.strip()] = -1.0
+            if not sep or not domain.strip() or not 0 <= weights[domain.strip()] < math.inf:  # also refuses nan
+                raise ConfigError(f"--mix must be domain:weight pairs with finite weights >= 0, like "
+                                  f"'prose:1,code:0.5'; got {item!r}")
         return weights
+
+
+def check_mix_domains(cfg: CurateConfig, input_domains) -> None:
+    """Every domain --mix names must exist (built in, or in the inputs): a typo such as 'Prose:0.1'
+    would otherwise be ignored and keep everything."""
+    for domain in cfg.mix_weights():
+        if domain not in DOMAINS and domain not in input_domains:
+            known = sorted(set(DOMAINS) | set(input_domains))
+            hint = difflib.get_close_matches(domain.lower(), known, n=1, cutoff=0.5)
+            raise ConfigError(f"--mix names the domain {domain!r}, which neither nanofm nor the inputs have "
+                              f"(domains: {', '.join(known)}){f'; did you mean {hint[0]!r}?' if hint else ''}")
 
 
 # ------------------------------------------------------------------ per-document work (workers)
@@ -209,6 +224,7 @@ def curate(docs, cfg: CurateConfig, progress: bool = True) -> tuple[list[dict], 
     input_domains = Counter()
     for d, n in zip(docs, input_lengths):
         input_domains[d["domain"]] += n
+    check_mix_domains(cfg, input_domains)  # before the long part, not after it
 
     langid = bool(cfg.languages) and filters.language_id_available()
     workers = cfg.num_workers or os.cpu_count() or 1

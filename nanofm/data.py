@@ -25,12 +25,12 @@ Design decisions:
 
 from __future__ import annotations
 
-import os
 import random
 import struct
 from pathlib import Path
 
 import numpy as np
+from nanofm.common import ConfigError, NanofmError, atomic_write_bytes
 
 MAGIC = b"NANOFMTK"
 VERSION = 1
@@ -38,7 +38,7 @@ HEADER = struct.Struct("<8sIIQQ")  # magic, version, bytes per token, tokens, do
 assert HEADER.size == 32
 
 
-class ShardError(ValueError):
+class ShardError(NanofmError, ValueError):
     pass
 
 
@@ -59,11 +59,8 @@ def write_shard(path: str | Path, tokens: np.ndarray, n_docs: int) -> None:
     path = Path(path)
     if tokens.dtype not in (np.uint16, np.uint32):
         raise ShardError(f"tokens must be uint16 or uint32, got {tokens.dtype}")
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(HEADER.pack(MAGIC, VERSION, tokens.dtype.itemsize, len(tokens), n_docs))
-        handle.write(tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tobytes())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, HEADER.pack(MAGIC, VERSION, tokens.dtype.itemsize, len(tokens), n_docs)
+                       + tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tobytes())
 
 
 def read_header(path: str | Path) -> dict:
@@ -94,6 +91,17 @@ def open_shard(path: str | Path) -> np.ndarray:
     header = read_header(path)
     return np.memmap(path, dtype=header["dtype"].newbyteorder("<"), mode="r", offset=HEADER.size,
                      shape=(header["tokens"],))
+
+
+def check_token_ids(data_dir: str | Path, vocab_size: int) -> None:
+    """Every token id of the data dir's shards is below vocab_size (a shard from another
+    tokenizer, or a corrupt one, would otherwise fail inside the embedding lookup)."""
+    for split in ("train", "val"):
+        for path in shard_paths(data_dir, split):
+            tokens = open_shard(path)
+            if len(tokens) and int(tokens.max()) >= vocab_size:
+                raise ShardError(f"{path} holds token id {int(tokens.max())}, outside the tokenizer's {vocab_size} ids; "
+                                 f"the shard is corrupt or from another tokenizer: re-run data/prepare.py --force")
 
 
 def shard_paths(data_dir: str | Path, split: str) -> list[Path]:
@@ -150,7 +158,7 @@ class TokenLoader:
     def __init__(self, data_dir: str | Path, split: str, batch_size: int, seq_len: int,
                  rank: int = 0, world_size: int = 1, device: str = "cpu"):
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+            raise ConfigError(f"rank {rank} is outside world_size {world_size}")
         self.paths = shard_paths(data_dir, split)
         self.shards = [open_shard(p) for p in self.paths]
         self.batch_size, self.seq_len, self.rank, self.world_size, self.device = batch_size, seq_len, rank, world_size, device

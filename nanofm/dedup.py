@@ -25,6 +25,7 @@ import string
 import zlib
 
 import numpy as np
+from nanofm.common import ConfigError
 
 # punctuation becomes a space (str.translate is 2x faster than a regex here); "_" stays, as in \w
 _PUNCTUATION = str.maketrans({c: " " for c in string.punctuation.replace("_", "") + "“”‘’–—…«»„‚‹›¡¿·•"})
@@ -57,7 +58,7 @@ def word_ngrams(text: str, n: int = 5) -> list[tuple[str, ...]]:
 class MinHasher:
     def __init__(self, num_perm: int = 112, bands: int = 14, ngram: int = 5, seed: int = 1234):
         if num_perm % bands:
-            raise ValueError(f"num_perm ({num_perm}) must be a multiple of bands ({bands})")
+            raise ConfigError(f"num_perm ({num_perm}) must be a multiple of bands ({bands})")
         rng = np.random.default_rng(seed)
         self.num_perm, self.bands, self.rows, self.ngram = num_perm, bands, num_perm // bands, ngram
         self.a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)

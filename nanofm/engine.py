@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from nanofm.common import ConfigError, autocast
 from nanofm.data import pad_batch
-from nanofm.model import KVCache, Transformer, sample_next
+from nanofm.model import KVCache, Transformer, sample_next, token_logprobs
 from nanofm.tokenizer import Tokenizer
 
 
@@ -53,8 +53,8 @@ class SamplingParams:
         problems = []
         if self.max_tokens < 1:
             problems.append(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # also refuses nan
+            problems.append(f"temperature must be a number >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             problems.append(f"top_k must be at least 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -64,7 +64,7 @@ class SamplingParams:
         if any(not s for s in self.stop):
             problems.append("stop strings must not be empty")
         if problems:
-            raise ValueError("bad sampling parameters: " + "; ".join(problems))
+            raise ConfigError("bad sampling parameters: " + "; ".join(problems))
 
 
 @dataclass
@@ -89,11 +89,14 @@ class _Row:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, device: str | torch.device | None = None,
-                 batch_size: int = 16):
+                 batch_size: int = 16, dtype: torch.dtype | None = None):
+        """dtype: the autocast precision of the forward passes; None = bf16 on CUDA, fp32 elsewhere
+        (training passes its --dtype, so samples run in the precision the model trains in)."""
         if not model.cfg.causal:
-            raise ValueError("generation needs a causal (GPT-style) model; this one is bidirectional")
+            raise ConfigError("generation needs a causal (GPT-style) model; this one is bidirectional")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.dtype = dtype if dtype is not None else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.end_ids = sorted({tokenizer.eos_id, tokenizer.special_tokens.get("<|end|>", tokenizer.eos_id)})
 
     @contextlib.contextmanager
@@ -108,17 +111,15 @@ class Engine:
             self.model.train(was_training)
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, self.dtype)
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         """A text prompt is encoded after a bos token; a list of ids is taken as it is."""
         ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt, bos=True)
         if not ids:
-            raise ValueError("empty prompt: give at least one token")
+            raise ConfigError("empty prompt: give at least one token")
         if len(ids) >= self.model.cfg.block_size:
-            raise ValueError(f"the prompt is {len(ids)} tokens, but the context is {self.model.cfg.block_size}: "
+            raise ConfigError(f"the prompt is {len(ids)} tokens, but the context is {self.model.cfg.block_size}: "
                              f"shorten it to at most {self.model.cfg.block_size - 1}")
         return ids
 
@@ -129,7 +130,7 @@ class Engine:
         params = params or SamplingParams()
         per_request = params if isinstance(params, list) else [params] * len(prompts)
         if len(per_request) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(per_request)} sampling parameters")
+            raise ConfigError(f"{len(prompts)} prompts but {len(per_request)} sampling parameters")
         encoded = [self.encode_prompt(p) for p in prompts]
         results: list[Completion] = []
         for start in tqdm(range(0, len(encoded), self.batch_size), desc="generate", disable=not progress):
@@ -183,16 +184,18 @@ class Engine:
         next_pos = positions[:, -1:] + 1
         for _ in range(steps):
             last = logits[:, -1, :vocab].float()
-            logprobs = F.log_softmax(last, dim=-1)
             tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
+            for b, row in enumerate(rows):
+                if not row.finish_reason:
+                    p = row.params
+                    tokens[b, 0] = sample_next(last[b:b + 1], p.temperature, p.top_k, p.top_p, row.generator)[0, 0]
+            chosen_logprobs = token_logprobs(last, tokens[:, 0]).tolist()
             for b, row in enumerate(rows):
                 if row.finish_reason:
                     continue
-                p = row.params
-                token = int(sample_next(last[b:b + 1], p.temperature, p.top_k, p.top_p, row.generator))
-                tokens[b, 0] = token
+                p, token = row.params, int(tokens[b, 0])
                 row.ids.append(token)
-                row.logprobs.append(float(logprobs[b, token]))
+                row.logprobs.append(chosen_logprobs[b])
                 done = token in row.stop_ids or len(row.ids) >= row.budget
                 if p.stop or live_text or done:  # decoding every step costs time: only when something reads it
                     row.text = self.tokenizer.decode([t for t in row.ids if t not in row.stop_ids])
@@ -228,9 +231,9 @@ class Engine:
             pairs = []
             for ctx, cont in zip(contexts[start:start + self.batch_size], continuations[start:start + self.batch_size]):
                 if not cont or not ctx:
-                    raise ValueError("a continuation and its context need at least one token each (e.g. bos)")
+                    raise ConfigError("a continuation and its context need at least one token each (e.g. bos)")
                 if len(cont) >= block:
-                    raise ValueError(f"a continuation of {len(cont)} tokens does not fit the context of {block}")
+                    raise ConfigError(f"a continuation of {len(cont)} tokens does not fit the context of {block}")
                 seq = (list(ctx) + list(cont))[-block - 1:]  # the first token is only ever input
                 pairs.append((seq, len(cont)))
             idx, mask = pad_batch([seq[:-1] for seq, _ in pairs])
@@ -239,10 +242,10 @@ class Engine:
             idx, targets, mask = idx.to(self.device), targets.to(self.device), mask.to(self.device)
             with self._autocast():
                 logits, _ = model(idx, attention_mask=mask)
-            logp = F.log_softmax(logits[..., :self.tokenizer.vocab_size].float(), dim=-1)  # as sampled
-            picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets >= 0)
+            vocab = self.tokenizer.vocab_size  # normalised over the tokenizer's ids, as sampled
+            picked = token_logprobs(logits, targets, vocab_limit=vocab)  # 0 where the target is ignored
             if greedy:
-                is_top = (logp.argmax(-1) == targets) | (targets < 0)
+                is_top = (logits[..., :vocab].argmax(-1) == targets) | (targets < 0)
                 results += [(float(picked[b].sum()), n, bool(is_top[b].all())) for b, (_, n) in enumerate(pairs)]
             else:
                 results += [(float(picked[b].sum()), n) for b, (_, n) in enumerate(pairs)]

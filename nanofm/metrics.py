@@ -35,7 +35,6 @@ from collections import Counter
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 # ------------------------------------------------------------------ classification
 
@@ -360,6 +359,7 @@ def sliding_window_nll(model, docs: Sequence[Sequence[int]], stride: int | None 
     from tqdm import tqdm
 
     from nanofm.data import pad_batch
+    from nanofm.model import token_logprobs
 
     context = model.cfg.block_size
     stride = stride or context // 2
@@ -375,8 +375,7 @@ def sliding_window_nll(model, docs: Sequence[Sequence[int]], stride: int | None 
             # only the predictions not scored by an earlier window; -100 (ignored) elsewhere
             targets, _ = pad_batch([[-100] * (s - b - 1) + list(docs[d][s:e]) for d, b, e, s in batch], value=-100)
             logits, _ = model(idx.to(device))
-            nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), ignore_index=-100,
-                                  reduction="none").view(len(batch), -1).sum(dim=1)
+            nll = -token_logprobs(logits, targets.to(device)).sum(dim=1)
             for row, (d, *_rest) in enumerate(batch):
                 per_doc[d] += float(nll[row])
     finally:

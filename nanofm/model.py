@@ -5,7 +5,7 @@
     logits, loss = model(idx, targets)                  # idx [B, T] token ids
     out = model.generate(prompt, max_new_tokens=50, temperature=0.8, top_k=50)
     python -m nanofm.model --preset gpt2                # parameters and FLOPs of a preset
-    python -m nanofm.model --sizing --budget_gpu_hours 100   # a shape and token count for a budget
+    python -m nanofm.sizing --budget_gpu_hours 100      # a shape and token count for a budget
 
 Design decisions:
 - Names follow GPT-2's checkpoint (transformer.wte, .wpe, .h[i].attn.c_attn, .mlp.c_fc, .ln_f,
@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanofm.common import ConfigError
 from nanofm import kernels
 
 PRESETS = {
@@ -62,9 +63,6 @@ def padded_vocab(n_tokens: int, multiple: int = 64) -> int:
     """Embedding rows for a tokenizer of n_tokens: rounded up to a multiple of 64 for fast matmuls."""
     return multiple * -(-n_tokens // multiple)
 
-
-# dense bf16 peak FLOP/s per GPU, for MFU
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
 @dataclass
@@ -104,7 +102,7 @@ class ModelConfig:
             if value not in allowed:
                 problems.append(f"{name} must be one of {allowed}, got {value!r}")
         if problems:
-            raise ValueError("bad model config: " + "; ".join(problems))
+            raise ConfigError("bad model config: " + "; ".join(problems))
         if self.mlp_hidden is None:
             self.mlp_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64) if self.mlp == "swiglu" else 4 * self.n_embd
 
@@ -115,7 +113,7 @@ class ModelConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
 
     def to_dict(self) -> dict:
@@ -291,11 +289,18 @@ class Transformer(nn.Module):
         cfg, T = self.cfg, seq_len or self.cfg.block_size
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
 
+    def set_dropout(self, p: float) -> None:
+        """Change the dropout probability of a built model (continued training with other dropout)."""
+        self.cfg.dropout = p  # attention reads it from the shared config
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+
     def resized_vocab(self, vocab_size: int) -> "Transformer":
         """A copy with more vocabulary rows (new rows initialised like the others): room for
         special tokens a pretrained model never had."""
         if vocab_size < self.cfg.vocab_size:
-            raise ValueError(f"cannot shrink the vocabulary from {self.cfg.vocab_size} to {vocab_size}")
+            raise ConfigError(f"cannot shrink the vocabulary from {self.cfg.vocab_size} to {vocab_size}")
         bigger = Transformer(replace(self.cfg, vocab_size=vocab_size))
         state = bigger.state_dict()
         for name, value in self.state_dict().items():
@@ -315,10 +320,10 @@ class Transformer(nn.Module):
         start = cache.pos if cache is not None else 0
         if positions is None:
             if start + T > cfg.block_size:
-                raise ValueError(f"sequence of {start + T} tokens is longer than the context of {cfg.block_size}")
+                raise ConfigError(f"sequence of {start + T} tokens is longer than the context of {cfg.block_size}")
             positions = torch.arange(start, start + T, device=idx.device)
         elif int(positions.max()) >= cfg.block_size:
-            raise ValueError(f"position {int(positions.max())} is beyond the context of {cfg.block_size}")
+            raise ConfigError(f"position {int(positions.max())} is beyond the context of {cfg.block_size}")
         x = self.transformer.wte(idx)
         rope = None
         if cfg.pos == "learned":
@@ -363,14 +368,15 @@ class Transformer(nn.Module):
         logits = self.lm_head(h)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+        # reshape, not view: targets may be a non-contiguous slice such as x[:, 1:]
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     def classify(self, idx, attention_mask=None):
         """Class logits [B, n_classes] from the classification head. A causal model reads the last
         real token (the only one that has seen the whole text); a bidirectional one the first."""
         if not self.cfg.n_classes:
-            raise ValueError("this model has no classification head (n_classes is 0)")
+            raise ConfigError("this model has no classification head (n_classes is 0)")
         h = self.hidden_states(idx, attention_mask)
         if self.cfg.causal:
             last = (attention_mask.sum(dim=1) - 1) if attention_mask is not None else torch.full_like(idx[:, 0], idx.size(1) - 1)
@@ -388,10 +394,10 @@ class Transformer(nn.Module):
         """Sample continuations of idx [B, T]; temperature 0 is greedy. vocab_limit keeps the
         padding rows of the vocabulary (ids the tokenizer does not have) from being sampled."""
         if not self.cfg.causal:
-            raise ValueError("generation needs a causal (GPT-style) model")
+            raise ConfigError("generation needs a causal (GPT-style) model")
         total = idx.size(1) + max_new_tokens
         if total > self.cfg.block_size:
-            raise ValueError(f"prompt ({idx.size(1)}) + max_new_tokens ({max_new_tokens}) exceeds the context of {self.cfg.block_size}")
+            raise ConfigError(f"prompt ({idx.size(1)}) + max_new_tokens ({max_new_tokens}) exceeds the context of {self.cfg.block_size}")
         cache = KVCache(self.cfg, idx.size(0), total, idx.device, self.lm_head.weight.dtype) if use_cache else None
         out, step_input = idx, idx
         was_training = self.training
@@ -407,6 +413,20 @@ class Transformer(nn.Module):
         finally:
             self.train(was_training)
         return out
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_limit: int | None = None) -> torch.Tensor:
+    """log p(target) at every position: logits [..., V], targets [...] -> [...], in fp32 (or fp64), 0 where
+    the target is -100 (ignored). Differentiable, so the same function scores continuations
+    (evaluation), gives a policy's log-probabilities (SFT, DPO, PPO) and the engine's token
+    log-probabilities. vocab_limit normalises over the tokenizer's ids only, leaving out the
+    padding rows of the embedding table (as sampling does)."""
+    if vocab_limit is not None:
+        logits = logits[..., :vocab_limit]
+    flat = logits.reshape(-1, logits.size(-1))
+    flat = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
+    nll = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="none")
+    return -nll.view(targets.shape)
 
 
 def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -429,13 +449,6 @@ def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_
 
 # ------------------------------------------------------------------ accounting
 
-def gpu_peak_flops(device: str | torch.device) -> float | None:
-    if torch.device(device).type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
-
-
 def param_count_formula(cfg: ModelConfig) -> int:
     """Closed-form parameter count of the GPT-2 layout (LayerNorm, GELU, biases, learned positions,
     tied embeddings): V d + T d + L (12 d^2 + 13 d) + 2 d."""
@@ -450,41 +463,16 @@ def describe(cfg: ModelConfig, seq_len: int | None = None) -> dict:
             "flops_per_token": model.flops_per_token(seq_len)}
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # list the presets; model sizing for a budget is python -m nanofm.sizing
     import argparse
 
-    parser = argparse.ArgumentParser(description="presets, and model sizing for a compute budget (--sizing)")
+    parser = argparse.ArgumentParser(description="parameters and FLOPs per token of the model presets")
     parser.add_argument("--preset", default=None, choices=list(PRESETS))
     parser.add_argument("--vocab_size", type=int, default=None, help="vocabulary (default: the preset's, else 50304)")
-    parser.add_argument("--sizing", action="store_true", help="memory, tokens and wall time for a shape, or a budget")
-    for name in ("n_layer", "n_head", "n_embd", "block_size"):
-        parser.add_argument(f"--{name}", type=int, default=None, help="override the preset's shape")
-    parser.add_argument("--batch_size", type=int, default=16, help="sequences per GPU per micro-step")
-    parser.add_argument("--gpus", type=int, default=8, help="number of GPUs")
-    parser.add_argument("--gpu", default="H100", choices=list(PEAK_FLOPS), help="GPU kind (sets the peak FLOP/s)")
-    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume")
-    parser.add_argument("--tokens", type=float, default=None, help="training tokens (default: 20 per parameter)")
-    parser.add_argument("--budget_gpu_hours", type=float, default=None, help="recommend a shape for this budget")
-    parser.add_argument("--gpu_memory_gib", type=float, default=80, help="memory per GPU, for the recommendation")
     args = parser.parse_args()
-    if not 0 < args.mfu <= 1:
-        parser.error(f"--mfu must be in (0, 1], got {args.mfu}")
-    if args.sizing:
-        from nanofm import sizing
-        if args.budget_gpu_hours is not None:
-            if args.budget_gpu_hours <= 0:
-                parser.error("--budget_gpu_hours must be positive")
-            lines = sizing.recommend(args.budget_gpu_hours, args.gpu, args.mfu, args.gpu_memory_gib,
-                                     args.vocab_size or 50304, args.block_size or 1024, args.batch_size)
-        else:
-            cfg = ModelConfig.preset(args.preset or "gpt2", vocab_size=args.vocab_size, n_layer=args.n_layer,
-                                     n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size)
-            lines = sizing.report(cfg, args.batch_size, args.gpus, args.gpu, args.mfu, args.tokens)
-        print("\n".join(lines))
-    else:
-        for name in [args.preset] if args.preset else PRESETS:
-            cfg = ModelConfig.preset(name, vocab_size=args.vocab_size)
-            info = describe(cfg)
-            print(f"{name:12s} {cfg.n_layer:3d} layers x {cfg.n_embd:5d} wide, context {cfg.block_size:5d}, "
-                  f"vocab {cfg.vocab_size:6d}: {info['params'] / 1e6:8.1f}M params, "
-                  f"{info['flops_per_token'] / 1e9:6.2f} GFLOP/token")
+    for name in [args.preset] if args.preset else PRESETS:
+        cfg = ModelConfig.preset(name, vocab_size=args.vocab_size)
+        info = describe(cfg)
+        print(f"{name:12s} {cfg.n_layer:3d} layers x {cfg.n_embd:5d} wide, context {cfg.block_size:5d}, "
+              f"vocab {cfg.vocab_size:6d}: {info['params'] / 1e6:8.1f}M params, "
+              f"{info['flops_per_token'] / 1e9:6.2f} GFLOP/token")

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from nanofm.common import ConfigError
+
 
 def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """Approximately U V^T for g = U S V^T, by a quintic Newton-Schulz iteration."""
@@ -48,7 +50,7 @@ class Muon(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 if p.dim() != 2:
-                    raise ValueError(f"Muon is for 2-D weight matrices; got a parameter of shape {tuple(p.shape)}")
+                    raise ConfigError(f"Muon is for 2-D weight matrices; got a parameter of shape {tuple(p.shape)}")
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p.grad)
@@ -84,6 +86,6 @@ class CombinedOptimizer:
 
     def load_state_dict(self, state):
         if len(state.get("optimizers", [])) != len(self.optimizers):
-            raise ValueError("the checkpoint's optimizer state belongs to another --optimizer; resume with the same one")
+            raise ConfigError("the checkpoint's optimizer state belongs to another --optimizer; resume with the same one")
         for opt, s in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(s)

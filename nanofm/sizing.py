@@ -1,7 +1,7 @@
 """Model choice for a compute budget: parameters, FLOPs, training memory, tokens and wall time.
 
-    python -m nanofm.model --sizing --preset gpt2 --batch_size 16 --gpus 8 --gpu H100 --mfu 0.4
-    python -m nanofm.model --sizing --budget_gpu_hours 100 --gpu H100 --gpu_memory_gib 80
+    python -m nanofm.sizing --preset gpt2 --batch_size 16 --gpus 8 --gpu H100 --mfu 0.4
+    python -m nanofm.sizing --budget_gpu_hours 100 --gpu H100 --gpu_memory_gib 80
 
 The arithmetic (each printed with its numbers):
 - training FLOPs per token = 6 N + 12 L H Q T (PaLM appendix B; N without lookup tables);
@@ -17,8 +17,13 @@ The arithmetic (each printed with its numbers):
 from __future__ import annotations
 
 import math
+import sys
+from dataclasses import dataclass
+from typing import Optional
 
-from nanofm.model import PEAK_FLOPS, ModelConfig, describe
+from nanofm.common import PEAK_FLOPS, ConfigError, run_cli
+from nanofm.config import parse_config
+from nanofm.model import PRESETS, ModelConfig, describe
 
 TOKENS_PER_PARAM = 20  # Chinchilla's compute-optimal ratio
 BYTES_PER_PARAM_TRAINING = 16  # fp32 weights (4) + gradients (4) + AdamW moments (8)
@@ -97,3 +102,54 @@ def recommend(gpu_hours: float, gpu: str, mfu: float, memory_gib: float, vocab_s
         f"{' --fsdp' if not fits else ''} --max_iters=<tokens / tokens per step>",
     ]
     return lines
+
+
+@dataclass
+class SizingConfig:
+    """Memory, tokens and wall time for a model shape, or a compute-optimal shape for a budget."""
+    preset: str = "gpt2"  # the shape to size (see python -m nanofm.model); overrides below
+    n_layer: Optional[int] = None  # override the preset's layers
+    n_head: Optional[int] = None  # override the preset's heads
+    n_embd: Optional[int] = None  # override the preset's width
+    block_size: Optional[int] = None  # override the preset's context length
+    vocab_size: Optional[int] = None  # vocabulary (default: the preset's, else 50304)
+    batch_size: int = 16  # sequences per GPU per micro-step
+    gpus: int = 8  # number of GPUs
+    gpu: str = "H100"  # GPU kind (sets the peak FLOP/s)
+    mfu: float = 0.4  # model FLOPs utilisation to assume
+    tokens: Optional[float] = None  # training tokens (default: 20 per parameter)
+    budget_gpu_hours: Optional[float] = None  # recommend a shape for this budget instead
+    gpu_memory_gib: float = 80  # memory per GPU, for the recommendation
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.gpu not in PEAK_FLOPS:
+            raise ConfigError(f"unknown --gpu {self.gpu!r}; choose one of {', '.join(PEAK_FLOPS)}")
+        if not 0 < self.mfu <= 1:
+            raise ConfigError(f"--mfu must be in (0, 1], got {self.mfu}")
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "gpus"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {value}")
+        for name in ("tokens", "budget_gpu_hours", "gpu_memory_gib"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:  # also refuses nan
+                raise ConfigError(f"--{name} must be positive, got {value}")
+
+
+def main(argv=None) -> list[str]:
+    cfg = parse_config(SizingConfig, argv)
+    if cfg.budget_gpu_hours is not None:
+        lines = recommend(cfg.budget_gpu_hours, cfg.gpu, cfg.mfu, cfg.gpu_memory_gib, cfg.vocab_size or 50304,
+                          cfg.block_size or 1024, cfg.batch_size)
+    else:
+        shape = ModelConfig.preset(cfg.preset, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                                   n_embd=cfg.n_embd, block_size=cfg.block_size)
+        lines = report(shape, cfg.batch_size, cfg.gpus, cfg.gpu, cfg.mfu, cfg.tokens)
+    print("\n".join(lines))
+    return lines
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])

@@ -41,6 +41,7 @@ import urllib.request
 import zlib
 from pathlib import Path
 from typing import Iterator
+from nanofm.common import NanofmError
 
 # file-set digests of the pinned data packages (see package_files); update with the pins
 PINNED_PACKAGES = {
@@ -57,7 +58,7 @@ CODE_EXTENSIONS = {".py", ".js", ".ts", ".c", ".h", ".cc", ".cpp", ".hpp", ".jav
 TEST_DIRS = {"test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages"}
 
 
-class SourceError(ValueError):
+class SourceError(NanofmError, ValueError):
     """A source that cannot be read at all (missing path, missing package, bad URL list)."""
 
 

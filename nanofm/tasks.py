@@ -38,15 +38,16 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from nanofm import metrics
+from nanofm.common import NanofmError
+from nanofm import chat, metrics
 from nanofm.data import mask_tokens, pad_batch, split_of
 from nanofm.engine import Engine, SamplingParams
+from nanofm.model import token_logprobs
 from nanofm.tokenizer import Tokenizer
 
 
-class TaskError(ValueError):
+class TaskError(NanofmError, ValueError):
     pass
 
 
@@ -127,10 +128,10 @@ def mlm_task(model, tokenizer: Tokenizer, docs: Sequence[dict], max_docs: int = 
                 if not chosen.any():
                     continue
                 logits, _ = model(inputs.to(device))
-                logits = logits.float()[chosen.to(device)][:, :tokenizer.vocab_size]
-                wanted = targets[chosen].to(device)
-                nll += float(F.cross_entropy(logits, wanted, reduction="sum"))
-                correct += int((logits.argmax(-1) == wanted).sum())
+                targets = targets.to(device)
+                nll -= float(token_logprobs(logits, targets, vocab_limit=tokenizer.vocab_size).sum())
+                predicted = logits[..., :tokenizer.vocab_size].argmax(-1)
+                correct += int(((predicted == targets) & chosen.to(device)).sum())
                 count += int(chosen.sum())
         if count:
             result[domain] = {"masked_loss": nll / count, "masked_accuracy": correct / count, "masked_tokens": count}
@@ -167,7 +168,10 @@ def choice_items(docs: Sequence[dict], n: int = 200, seed: int = 0, n_options: i
                 continue
             endings = [ending] + rng.sample(others, n_options - 1)
             rng.shuffle(endings)
-            items.append({"ctx": ctx, "endings": endings, "label": endings.index(ending), "domain": domain})
+            item = {"ctx": ctx, "endings": endings, "label": endings.index(ending), "domain": domain}
+            if domain == "chat":  # a chat-tuned checkpoint is asked the question in its chat format
+                item["question"] = ctx[len("User: "):-len("\nBot:")]
+            items.append(item)
     return items
 
 
@@ -199,10 +203,17 @@ def load_hellaswag(path: str | None = None, split: str = "validation", limit: in
     return items
 
 
-def choice_task(engine: Engine, items: Sequence[dict], progress: bool = False) -> dict:
-    """acc (summed log-probability) and acc_norm (per byte of the ending), overall and per domain."""
+def choice_task(engine: Engine, items: Sequence[dict], progress: bool = False, chat_format: str | None = None) -> dict:
+    """acc (summed log-probability) and acc_norm (per byte of the ending), overall and per domain.
+    With a chat format, chat items are asked as a user turn and the endings are the assistant's
+    reply (without the leading space the plain-text form has)."""
     tok, block = engine.tokenizer, engine.model.cfg.block_size
-    encoded = [(tok.encode(item["ctx"], bos=True), [tok.encode(e) for e in item["endings"]]) for item in items]
+
+    def endings(item):
+        chat_item = chat_format and "question" in item
+        return [tok.encode(e[1:] if chat_item and e.startswith(" ") else e) for e in item["endings"]]
+
+    encoded = [(prompt_ids(tok, item, chat_format, key="ctx"), endings(item)) for item in items]
     fits = [max(map(len, ends)) < block for _, ends in encoded]  # an ending longer than the context cannot be scored
     too_long = len(items) - sum(fits)
     items = [item for item, ok in zip(items, fits) if ok]
@@ -297,14 +308,29 @@ def generation_items(docs: Sequence[dict], n: int = 100) -> list[dict]:
                 references.setdefault(question + "\nBot:", []).append(reply)
     if not references:
         raise TaskError("no chat conversations (User:/Bot: turns) among the validation documents")
-    return [{"prompt": prompt, "references": refs} for prompt, refs in list(references.items())[:n]]
+    return [{"prompt": prompt, "question": prompt[len("User: "):-len("\nBot:")], "references": refs}
+            for prompt, refs in list(references.items())[:n]]
 
 
-def generation_task(engine: Engine, items: Sequence[dict], max_tokens: int = 48, progress: bool = False) -> dict:
-    """Greedy replies (up to a newline) scored against the true ones: exact match (any reference),
-    corpus BLEU (all references), ROUGE F (the best reference per item, averaged)."""
+def prompt_ids(tokenizer: Tokenizer, item: dict, chat_format: str | None = None, key: str = "prompt") -> list[int]:
+    """How a model is asked an item: a chat-tuned checkpoint (meta.json's chat_format) gets the
+    question as a user turn in its chat format, ending with the assistant tag; a base model gets
+    the plain-text prompt ("User: ...\nBot:") after bos."""
+    if chat_format and "question" in item:
+        if chat_format != chat.CHAT_FORMAT:
+            raise TaskError(f"unknown chat format {chat_format!r} (this nanofm knows {chat.CHAT_FORMAT})")
+        return chat.render_prompt(tokenizer, [{"role": "user", "content": item["question"]}])
+    return tokenizer.encode(item[key], bos=True)
+
+
+def generation_task(engine: Engine, items: Sequence[dict], max_tokens: int = 48, progress: bool = False,
+                    chat_format: str | None = None) -> dict:
+    """Greedy replies (up to a newline, or the end-of-turn token) scored against the true ones:
+    exact match (any reference), corpus BLEU (all references), ROUGE F (the best reference per
+    item, averaged). A chat-tuned checkpoint is asked in its chat format."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0, stop=["\n"])
-    outs = engine.generate([item["prompt"] for item in items], params, progress=progress)
+    prompts = [prompt_ids(engine.tokenizer, item, chat_format) for item in items]
+    outs = engine.generate(prompts, params, progress=progress)
     predictions = [out.text.strip() for out in outs]
     references = [item["references"] for item in items]
     streams = [[refs[k] if k < len(refs) else None for refs in references] for k in range(max(map(len, references)))]
@@ -497,10 +523,14 @@ def attributions(model, ids: list[int], target: str = "class", occlusion_id: int
     device = next(model.parameters()).device
     model.eval()
 
-    def scores(idx):  # [batch, classes] or [batch, vocabulary], at least fp32
+    def logits(idx):  # [batch, classes] or [batch, vocabulary], at least fp32
         out = model.classify(idx) if target == "class" else model(idx)[0][:, -1, :vocab_limit]
-        out = out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
-        return out if target == "class" else F.log_softmax(out, dim=-1)
+        return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+
+    def score(values, chosen: int):  # the class's logit, or the next token's log-probability
+        if target == "class":
+            return values[:, chosen]
+        return token_logprobs(values, torch.full(values.shape[:1], chosen, device=values.device))
 
     captured = {}
 
@@ -512,20 +542,20 @@ def attributions(model, ids: list[int], target: str = "class", occlusion_id: int
     idx = torch.tensor([ids], device=device)
     try:
         with torch.enable_grad():
-            values = scores(idx)
+            values = logits(idx)
             chosen = int(values[0].argmax())
-            values[0, chosen].backward()
+            score(values, chosen)[0].backward()
         emb = captured["emb"]
         grad_x_input = (emb.grad[0] * emb[0]).sum(-1).detach().cpu().tolist()
     finally:
         hook.remove()
         model.zero_grad(set_to_none=True)
     with torch.no_grad():
-        base = float(scores(idx)[0, chosen])
+        base = float(score(logits(idx), chosen)[0])
         occluded = idx.repeat(len(ids) - 1, 1)
         for i in range(1, len(ids)):
             occluded[i - 1, i] = occlusion_id
-        drops = (base - scores(occluded)[:, chosen]).cpu().tolist() if len(ids) > 1 else []
+        drops = (base - score(logits(occluded), chosen)).cpu().tolist() if len(ids) > 1 else []
     return {"target": chosen, "score": base, "grad_x_input": grad_x_input, "occlusion": [0.0] + drops}
 
 

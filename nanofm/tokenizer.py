@@ -47,6 +47,7 @@ import regex
 import tiktoken
 import tiktoken.load
 from tqdm import tqdm
+from nanofm.common import NanofmError, atomic_write_text
 
 # GPT-4's pre-tokenisation regex (cl100k): contractions, words with a leading non-letter,
 # numbers of at most 3 digits, punctuation runs, newlines, other whitespace
@@ -58,7 +59,7 @@ SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|mask|>", "<|cls|>", "<|sep
 FORMAT = "nanofm-bpe"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(NanofmError, ValueError):
     pass
 
 
@@ -240,10 +241,8 @@ class Tokenizer:
         """One readable JSON file, written atomically (temp file + rename). A built-in encoding
         (gpt2) is saved as a pointer to its name."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
         if self.merges is None:
-            tmp.write_text(json.dumps({"format": "nanofm-named", "name": self.name}) + "\n")
-            os.replace(tmp, path)
+            atomic_write_text(path, json.dumps({"format": "nanofm-named", "name": self.name}) + "\n")
             return
         header = {"format": FORMAT, "version": 1, "name": self.name, "vocab_size": self.vocab_size,
                   "pattern": self.pattern, "special_tokens": self.special_tokens}
@@ -254,8 +253,7 @@ class Tokenizer:
             readable = token_bytes[-1].decode("utf-8", errors="backslashreplace")
             lines.append(f"  {json.dumps([a, b, readable], ensure_ascii=False)}{',' if k < len(self.merges) - 1 else ''}")
         lines.append("]}")
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "\n".join(lines) + "\n")
 
     def to_hf_json(self) -> dict:
         """This tokenizer in Hugging Face's tokenizer.json format (load it with
@@ -340,7 +338,7 @@ class Tokenizer:
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
-            raise TokenizerError(f"no tokenizer at {path} (give 'gpt2', 'bpe', or a tokenizer.json path)")
+            raise TokenizerError(f"no tokenizer at {path} (give 'gpt2', a tokenizer.json, or a directory holding one)")
         try:
             data = json.loads(path.read_text("utf-8"))
             if data.get("format") == "nanofm-named":  # a pointer to a built-in encoding

@@ -1,43 +1,62 @@
-"""The one training loop that every train_*.py uses.
+"""The one training loop that every train_*.py uses, and the pieces an RL loop reuses outside it.
 
-    ctx = setup(cfg)                                  # device, DDP process group, seeds, dtype
-    model, raw_model = wrap_model(Transformer(mcfg), cfg, ctx)
-    result = train(cfg, ctx, model, raw_model, loss_fn, train_loader, val_loader, meta, ...)
+    ctx = setup(cfg)                                         # device, DDP process group, seeds, dtype
+    models = wrap_model(Transformer(mcfg), cfg, ctx)         # (train: compiled/DDP/FSDP, raw: plain)
+    run = Run(out_dir, meta=make_meta(...), tokenizer_path=..., resume_from=None)
+    result = train(cfg, ctx, models, objective, train_loader, run)       # optimizer=... to pass your own
 
-What it does, step by step (read `train` top to bottom):
-- device: CUDA, else MPS, else CPU; under torchrun a process group (NCCL on CUDA, gloo on CPU)
-  and DDP; gradients are synchronised only on the last micro-step of accumulation;
-- bf16 autocast on CUDA; torch.compile (on by default on CUDA); AdamW, fused on CUDA, weight
-  decay on matrices only; warmup + cosine, or warmup-stable-decay; gradient clipping;
-- periodic evaluation on the validation data (loss and bits per byte) and text samples;
-- checkpoints every N steps and at the end (the last K kept), with everything an exact resume
-  needs: model, optimizer, step, RNG states and the data loader's position;
-- a NaN or inf loss stops the run with a clear message before anything is saved, so the last
-  good checkpoint stays the newest one;
-- logs: a tqdm bar (loss, tokens/s, MFU, lr), metrics.jsonl, optional wandb, a loss-curve PNG.
+An objective is any object with
+    loss(model, batch, step) -> (loss, n_targets, metrics)   # mean loss, real target tokens, {name: value}
+    evaluate(model) -> {name: value}                          # e.g. val_loss, val_bpb; or reward accuracy, KL
+    sample(model) -> str | None                               # optional: text shown at each evaluation
+and a loader is anything with next_batch(), state_dict() and load_state_dict().
+
+The pieces, for loops that own their outer structure (PPO and GRPO: rollouts, then epochs):
+    step = OptimizerStep(cfg, ctx, models, optimizer)   # lr schedule, accumulation, DDP no-sync, clipping
+    checkpointer = Checkpointer(run, cfg, ctx, models.raw, optimizer)   # atomic saves, keep K, exact resume
+    logger = Logger(run.out_dir, cfg, ctx, run.meta)    # metrics.jsonl, wandb, tqdm, loss plot
+
+What the loop does, step by step (read `train` top to bottom):
+- every eval_interval steps (and after the last): a NaN check, then the objective's evaluation
+  and a sample, logged like the loss;
+- grad_accum micro-steps, gradients synchronised only on the last; clipping; the schedule
+  (warmup + cosine, or warmup-stable-decay) scales every parameter group's peak lr alike;
+- a log line every log_interval steps: train loss, the objective's metrics, tokens/s and MFU
+  counted on real target tokens (padding and ignored positions are not trained tokens);
+- checkpoints every checkpoint_interval steps and at the end, with everything an exact resume
+  needs, training time included (time-to-loss survives a resume).
 
 Design decisions:
-- The loop knows nothing about objectives: a `loss_fn(model, batch, step) -> loss` comes from the
-  script (causal LM, masked LM, SFT, reward model, DPO...), and a loader is anything with
-  `next_batch()`, `state_dict()` and `load_state_dict()`.
-- The loss is checked for NaN/inf on the device and read back only at log and save points, so
-  the GPU is not stalled every step.
+- The loop knows nothing about objectives, models or data: causal LM, masked LM, SFT, reward
+  models and DPO differ only in the objective they hand in.
+- The loss is checked for NaN/inf on the device and read back only at log, eval and save
+  points, so the GPU is not stalled every step; a bad loss stops the run before it is saved or
+  sampled, so the last good checkpoint stays the newest one.
+- A run directory belongs to one run: a new run into a directory that holds another run's
+  checkpoints is refused (unless --overwrite), two runs cannot write to one directory at once
+  (a lock file), and a resumed run's metrics.jsonl is cut back to the resumed step, so no row
+  is repeated.
 - One process with grad_accum = 2A and two processes with A each see the same rows in the same
   order (nanofm/data.py), so their parameters agree after any number of steps (tested).
+- Doubt: with unequal target counts per micro-step (SFT), the step averages the micro-steps'
+  mean losses, which weighs a short micro-batch's tokens more; objectives that care can return
+  a loss already normalised by a fixed token count.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,8 +64,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from nanofm import kernels
-from nanofm.checkpoint import load_state, save_checkpoint
-from nanofm.model import gpu_peak_flops
+from nanofm.checkpoint import complete_checkpoints, load_state, save_checkpoint
+from nanofm.common import ConfigError, NanofmError, autocast, disk_error, gpu_peak_flops, pick_device, resolve_dtype
 
 
 @dataclass
@@ -78,6 +97,7 @@ class TrainConfig:
     checkpoint_interval: int = 200  # save every N steps (and at the end)
     keep_checkpoints: int = 3  # keep the last K checkpoints
     stop_step: int = -1  # stop after this step, with a checkpoint (split a run); -1 = run to max_iters
+    overwrite: bool = False  # allow a new run into an out_dir that holds another run (its checkpoints are deleted)
     # system
     device: str = "auto"  # auto | cuda | mps | cpu
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | bfloat16 | float32
@@ -88,18 +108,24 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.fsdp and self.optimizer == "muon":
-            raise ValueError("--optimizer=muon needs whole weight matrices; it does not combine with --fsdp")
-        if self.optimizer not in ("adamw", "muon"):
-            raise ValueError(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "wsd"):
-            raise ValueError(f"--schedule must be cosine or wsd, got {self.schedule!r}")
+            raise ConfigError("--optimizer=muon needs whole weight matrices; it does not combine with --fsdp")
+        for name, allowed in (("optimizer", ("adamw", "muon")), ("schedule", ("cosine", "wsd")),
+                              ("compile", ("auto", "true", "false")), ("dtype", ("auto", "bfloat16", "float32"))):
+            if getattr(self, name) not in allowed:
+                hint = " (float16 needs a gradient scaler; use bfloat16)" if getattr(self, name) == "float16" else ""
+                raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}{hint}")
         for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
                      "checkpoint_interval"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "muon_lr", "embedding_lr_mult", "decay_ratio"):
+            if not getattr(self, name) >= 0 or math.isinf(getattr(self, name)):  # also refuses nan
+                raise ConfigError(f"--{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.warmup_iters < 0 or self.sample_tokens < 0 or self.keep_checkpoints < 0:
+            raise ConfigError("--warmup_iters, --sample_tokens and --keep_checkpoints must be >= 0")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(NanofmError):
     pass
 
 
@@ -121,22 +147,16 @@ class Context:
         return self.rank == 0
 
     def autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
-
-
-def pick_device(name: str = "auto") -> str:
-    """CUDA, else Apple MPS, else CPU for "auto"; any other name as given."""
-    if name != "auto":
-        return name
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        return autocast(self.device_type, self.dtype)
 
 
 def setup(cfg: TrainConfig) -> Context:
     """Pick the device, join the process group under torchrun, seed every RNG."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     device = pick_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.fsdp and not ddp:
+        raise ConfigError("--fsdp shards the model across processes: start it with torchrun --nproc_per_node=N")
     rank, local_rank, world_size = 0, 0, 1
     if ddp:
         rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -145,17 +165,11 @@ def setup(cfg: TrainConfig) -> Context:
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
     device_type = "cuda" if device.startswith("cuda") else device
-    if cfg.dtype == "auto":
-        dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
-    else:
-        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     seed_everything(cfg.seed)  # the same on every rank, so every rank builds the same initial model
     kernels.set_enabled(cfg.kernels)
-    if cfg.fsdp and not ddp:
-        raise ValueError("--fsdp shards the model across processes: start it with torchrun --nproc_per_node=N")
     return Context(device, device_type, rank, local_rank, world_size, ddp, dtype, fsdp=cfg.fsdp)
 
 
@@ -192,22 +206,31 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def wrap_model(model: torch.nn.Module, cfg: TrainConfig, ctx: Context):
-    """(the model to train: compiled and/or DDP-wrapped, the plain model to save and sample)"""
+class Models(NamedTuple):
+    train: torch.nn.Module  # compiled and/or DDP/FSDP-wrapped: the training forward goes through this one
+    raw: torch.nn.Module  # the plain model: saved, sampled, and handed to evaluations outside the loop
+
+
+def wrap_model(model: torch.nn.Module, cfg: TrainConfig, ctx: Context) -> Models:
+    """Move to the device; FSDP2 (each Transformer block a unit, the rest - heads, adapters - with
+    the root), or DDP; torch.compile when asked (auto = on CUDA)."""
+    from nanofm.model import Block
+
     raw_model = model.to(ctx.device)
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and ctx.device_type == "cuda")
-    if ctx.fsdp:  # each block is a unit that is gathered for its forward/backward, then freed
+    if ctx.fsdp:  # each block is gathered for its forward/backward, then freed
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         policy = MixedPrecisionPolicy(param_dtype=ctx.dtype, reduce_dtype=torch.float32)
-        for block in raw_model.transformer.h:
-            fully_shard(block, mp_policy=policy)
+        for module in raw_model.modules():
+            if isinstance(module, Block):
+                fully_shard(module, mp_policy=policy)
         fully_shard(raw_model, mp_policy=policy)
-        return (torch.compile(raw_model) if use_compile else raw_model), raw_model
+        return Models(torch.compile(raw_model) if use_compile else raw_model, raw_model)
     model = torch.compile(raw_model) if use_compile else raw_model
     if ctx.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None)
-    return model, raw_model
+    return Models(model, raw_model)
 
 
 # ------------------------------------------------------------------ optimizer and schedule
@@ -216,11 +239,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, ctx: Context):
     """AdamW groups: matrices (weight decay), vectors such as biases and norm gains (no decay),
     and untied input embeddings (no decay, lr x embedding_lr_mult: a token's row only gets a
     gradient when the token occurs, so it needs larger steps to keep up). With --optimizer=muon
-    the Transformer blocks' weight matrices go to Muon instead (nanofm/optim.py).
-    Every group carries base_lr, its peak learning rate, which the schedule scales."""
+    the Transformer blocks' weight matrices go to Muon instead (nanofm/optim.py). Frozen
+    parameters (requires_grad False) are left out. Every group carries base_lr, its peak
+    learning rate, which the schedule scales."""
     embedding = getattr(getattr(model, "transformer", None), "wte", None)
     head = getattr(model, "lm_head", None)
-    untied = embedding is not None and (head is None or head.weight is not embedding.weight)
+    untied = embedding is not None and embedding.weight.requires_grad and (head is None or head.weight is not embedding.weight)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     muon = [p for n, p in named if cfg.optimizer == "muon" and p.dim() == 2 and ".h." in f".{n}"]
     taken = {id(p) for p in muon} | ({id(embedding.weight)} if untied else set())
@@ -255,35 +279,216 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+class OptimizerStep:
+    """One optimizer step made of micro-steps: the schedule, gradient accumulation with DDP/FSDP
+    gradient sync on the last micro-step only, clipping, the update.
+
+        lr = stepper.start(step)
+        for micro in range(cfg.grad_accum):
+            with stepper.micro(micro):            # no-sync (except the last) + autocast
+                loss = ...
+            stepper.backward(loss)                # scaled by 1 / grad_accum
+        stepper.finish()                          # clip, step, zero_grad
+    """
+
+    def __init__(self, cfg: TrainConfig, ctx: Context, models: Models, optimizer):
+        self.cfg, self.ctx, self.models, self.optimizer = cfg, ctx, models, optimizer
+        for group in optimizer.param_groups:  # a passed-in optimizer's groups keep their own lr as peak
+            group.setdefault("base_lr", group["lr"])
+
+    def start(self, step: int) -> float:
+        lr = lr_at(step, self.cfg)
+        for group in self.optimizer.param_groups:  # the schedule scales every group's peak lr alike
+            group["lr"] = group["base_lr"] * (lr / self.cfg.lr if self.cfg.lr else 1.0)
+        return lr
+
+    @contextlib.contextmanager
+    def micro(self, index: int):
+        sync = not self.ctx.ddp or index == self.cfg.grad_accum - 1
+        if self.ctx.fsdp:
+            self.models.raw.set_requires_gradient_sync(sync)
+        no_sync = contextlib.nullcontext() if sync or self.ctx.fsdp else self.models.train.no_sync()
+        with no_sync, self.ctx.autocast():
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.cfg.grad_accum).backward()
+
+    def finish(self) -> None:
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.models.raw.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------ the run directory and checkpoints
+
+@dataclass
+class Run:
+    """What a training run writes, and where."""
+    out_dir: Path
+    meta: dict  # the meta.json of every checkpoint (nanofm.checkpoint.make_meta)
+    tokenizer_path: Path | None = None  # copied into every checkpoint
+    resume_from: Path | None = None  # a checkpoint to continue exactly (optimizer, data position, RNG)
+
+    def __post_init__(self):
+        self.out_dir = Path(self.out_dir)
+
+
+@dataclass
+class Progress:
+    step: int = 0  # the next step to run
+    tokens_seen: int = 0  # real target tokens trained on so far
+    train_seconds: float = 0.0  # training time so far, evaluations excluded (time-to-loss)
+
+
+RUN_FILES = ("latest", "metrics.jsonl", "loss.png")
+
+
+def claim_run_dir(run: Run, cfg: TrainConfig, ctx: Context):
+    """Check that out_dir may receive this run, and lock it for the run's duration (rank 0).
+    Returns the open lock file (closing it releases the lock)."""
+    out = run.out_dir
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out_dir {out} is a file; give a directory for the run's checkpoints")
+    if not ctx.master:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    import fcntl
+    lock = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "another process"
+        lock.close()
+        raise TrainingError(f"another run ({owner}) is writing to {out}; wait for it to finish or choose another --out_dir")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()}")
+    lock.flush()
+    existing = complete_checkpoints(out) + [out / f for f in RUN_FILES if (out / f).exists()]
+    if run.resume_from is None and existing:
+        if not cfg.overwrite:
+            lock.close()
+            resumable = "continue it with --init_from=resume, " if complete_checkpoints(out) else ""
+            raise TrainingError(f"{out} already holds a run ({', '.join(p.name for p in existing[:3])}); {resumable}"
+                                f"choose another --out_dir, or add --overwrite to replace it")
+        for path in list(out.glob("ckpt_*")) + [out / f for f in RUN_FILES]:  # asked for: the old run goes
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return lock
+
+
+class Checkpointer:
+    """Saves (atomic, the last K kept) and restores everything an exact resume needs."""
+
+    def __init__(self, run: Run, cfg: TrainConfig, ctx: Context, raw_model: torch.nn.Module, optimizer):
+        self.run, self.cfg, self.ctx, self.raw_model, self.optimizer = run, cfg, ctx, raw_model, optimizer
+        self.latest: Path | None = run.resume_from
+
+    def save(self, step: int, loader, progress: Progress, metrics: dict) -> Path | None:
+        """A collective: every rank calls it (they hand in their RNG state); rank 0 writes."""
+        ctx = self.ctx
+        states = [rng_state()]
+        if ctx.ddp:  # every rank's RNG, so that a resumed DDP run continues exactly
+            gathered = [None] * ctx.world_size if ctx.master else None
+            dist.gather_object(states[0], gathered, dst=0)
+            states = gathered
+        if ctx.fsdp:  # gather the full model and optimizer state (a collective: every rank takes part)
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state = get_model_state_dict(self.raw_model, options=options)
+            optimizer_state = get_optimizer_state_dict(self.raw_model, self.optimizer, options=options)
+        else:
+            model_state, optimizer_state = self.raw_model.state_dict(), self.optimizer.state_dict()
+        if not ctx.master:
+            return None
+        state = {"optimizer": optimizer_state, "loader": loader.state_dict(), "rng": states, "step": step,
+                 "tokens_seen": progress.tokens_seen, "train_seconds": progress.train_seconds}
+        meta = {**self.run.meta, "tokens_seen": progress.tokens_seen, "metrics": metrics}
+        self.latest = save_checkpoint(self.run.out_dir, step, model_state, meta, state, self.run.tokenizer_path,
+                                      self.cfg.keep_checkpoints)
+        return self.latest
+
+    def restore(self, loader) -> Progress:
+        state = load_state(self.run.resume_from)
+        if self.ctx.fsdp:  # every rank reads the full state and keeps its own shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(self.raw_model, self.optimizer, optim_state_dict=state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["loader"])
+        rngs = state["rng"]
+        if isinstance(rngs, list) and len(rngs) != self.ctx.world_size:
+            raise TrainingError(f"{self.run.resume_from} was saved by {len(rngs)} processes; resume it with "
+                                f"--nproc_per_node={len(rngs)} for an exact continuation")
+        set_rng_state(rngs[self.ctx.rank] if isinstance(rngs, list) else rngs)
+        return Progress(state["step"] + 1, state["tokens_seen"], state.get("train_seconds", 0.0))
+
+
 # ------------------------------------------------------------------ logging
 
-class Logger:
-    """metrics.jsonl in the run directory, and wandb when asked for (offline without a key)."""
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line that is not JSON (cut short by a crash or a full
+    disk) is skipped with a warning naming the file and line."""
+    records = []
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            print(f"warning: {path} line {number} is not complete JSON (cut short?); skipped", file=sys.stderr)
+    return records
 
-    def __init__(self, out_dir: Path, cfg: TrainConfig, config: dict, enabled: bool, resume: bool):
-        self.path, self.enabled, self.wandb = out_dir / "metrics.jsonl", enabled, None
-        if not enabled:
+
+class Logger:
+    """metrics.jsonl in the run directory, wandb when asked for (offline without a key), a tqdm
+    bar, and the loss plot. Only rank 0 writes."""
+
+    def __init__(self, out_dir: Path, cfg: TrainConfig, ctx: Context, meta: dict, resumed_at: int | None = None):
+        self.path, self.enabled, self.wandb = Path(out_dir) / "metrics.jsonl", ctx.master, None
+        self.title = meta.get("stage", "")
+        if not self.enabled:
             return
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not resume and self.path.exists():
-            self.path.unlink()
+        if resumed_at is not None and self.path.exists():  # rows after the checkpoint were not part of this history
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resumed_at]
+            from nanofm.common import atomic_write_text
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         if cfg.wandb_project:
             try:
                 import wandb
                 mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-                self.wandb = wandb.init(project=cfg.wandb_project, config=config, mode=mode, dir=str(out_dir))
+                self.wandb = wandb.init(project=cfg.wandb_project, config=meta.get("config", {}), mode=mode,
+                                        dir=str(out_dir), name=Path(out_dir).name)
             except ImportError:
                 print("wandb is not installed (pip install wandb); logging to metrics.jsonl only")
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        line = (json.dumps(record) + "\n").encode()
+        with open(self.path, "ab", buffering=0) as handle:  # unbuffered: the write either lands or fails here
+            start = handle.tell()
+            try:
+                if handle.write(line) != len(line):
+                    raise OSError(errno.ENOSPC, "short write")
+            except OSError as exc:  # a full disk: leave no partial line behind
+                with contextlib.suppress(OSError):
+                    handle.truncate(start)
+                raise TrainingError(str(disk_error(self.path, exc))) from exc
         if self.wandb is not None:
-            self.wandb.log(record, step=record["step"])
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def bar(self, start: int, stop: int):
+        return tqdm(range(start, stop), initial=start, total=stop, desc="train", disable=not self.enabled,
+                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file: a line per 30 s
 
     def close(self) -> None:
+        if self.enabled and self.path.exists():
+            plot_losses(self.path, self.path.parent / "loss.png", title=self.title)
         if self.wandb is not None:
             self.wandb.finish()
 
@@ -293,9 +498,9 @@ def plot_losses(metrics_path: Path, out_path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    records = read_metrics(metrics_path)
     train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     fig, ax = plt.subplots(figsize=(8, 5))
     if train:
         ax.plot(*zip(*train), label="train", alpha=0.8)
@@ -309,19 +514,26 @@ def plot_losses(metrics_path: Path, out_path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-# ------------------------------------------------------------------ the loop
+# ------------------------------------------------------------------ evaluation helpers for objectives
+
+def token_byte_lengths(tokenizer, device) -> torch.Tensor:
+    """Bytes of every token id (special tokens count 0), for bits per byte."""
+    specials = set(tokenizer.special_tokens.values())
+    return torch.tensor([0 if i in specials else len(tokenizer.id_to_bytes(i)) for i in range(tokenizer.vocab_size)],
+                        device=device)
+
 
 @torch.no_grad()
-def evaluate(model, loss_fn, make_val_loader, eval_iters: int, ctx: Context, token_bytes: torch.Tensor | None):
-    """Mean validation loss over eval_iters batches (the same batches every time), and bits per byte.
-
-    loss_fn(model, batch, step, reduction="sum") must return (sum of NLL, number of targets, target ids)."""
+def evaluate_nll(model, nll_sum, make_loader, iters: int, ctx: Context, token_bytes: torch.Tensor | None = None) -> dict:
+    """{"loss": mean NLL per target, "bpb": bits per byte or None} over `iters` batches of a fresh
+    loader (the same batches every time), summed over every rank.
+    nll_sum(model, batch, index) -> (sum of NLL, number of targets, target ids with -100 ignored)."""
     model.eval()
-    loader = make_val_loader()
+    loader = make_loader()
     nll, count, n_bytes = torch.zeros((), device=ctx.device), 0, torch.zeros((), device=ctx.device)
-    for i in range(eval_iters):
+    for i in range(iters):
         with ctx.autocast():
-            batch_nll, batch_count, targets = loss_fn(model, loader.next_batch(), -1 - i, reduction="sum")
+            batch_nll, batch_count, targets = nll_sum(model, loader.next_batch(), -1 - i)
         nll += batch_nll.float()
         count += batch_count
         if token_bytes is not None:
@@ -332,153 +544,127 @@ def evaluate(model, loss_fn, make_val_loader, eval_iters: int, ctx: Context, tok
     model.train()
     loss = (totals[0] / totals[1]).item()
     bpb = (totals[0] / (math.log(2) * totals[2])).item() if token_bytes is not None and totals[2] > 0 else None
-    return loss, bpb
+    return {"loss": loss, "bpb": bpb}
 
 
-def train(cfg: TrainConfig, ctx: Context, model, raw_model, loss_fn: Callable, train_loader, make_val_loader: Callable,
-          out_dir: str | Path, meta: dict, tokens_per_step: int, tokenizer=None, tokenizer_path=None,
-          resume_from: str | Path | None = None, sample_fn: Callable | None = None,
-          extra_evals: dict[str, Callable] | None = None) -> dict:
-    """Run the loop. `meta` goes into every checkpoint's meta.json (model config, stage, config, ...).
-    Returns the final metrics."""
-    out_dir = Path(out_dir)
-    optimizer = make_optimizer(raw_model, cfg, ctx)
-    start_step, tokens_seen = 0, 0
+# ------------------------------------------------------------------ the loop
+
+def train(cfg: TrainConfig, ctx: Context, models: Models, objective, train_loader, run: Run, optimizer=None) -> dict:
+    """Run the loop; returns the final metrics, tokens seen and the last checkpoint."""
+    lock = claim_run_dir(run, cfg, ctx)
+    try:
+        return _loop(cfg, ctx, models, objective, train_loader, run, optimizer)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _loop(cfg, ctx, models, objective, train_loader, run, optimizer) -> dict:
+    optimizer = optimizer if optimizer is not None else make_optimizer(models.raw, cfg, ctx)
+    stepper = OptimizerStep(cfg, ctx, models, optimizer)
+    checkpointer = Checkpointer(run, cfg, ctx, models.raw, optimizer)
     seed_everything(cfg.seed + ctx.rank)  # from here on each rank draws its own dropout masks
-    if resume_from is not None:
-        state = load_state(resume_from)
-        if ctx.fsdp:  # every rank reads the full state and keeps its own shard
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(raw_model, optimizer, optim_state_dict=state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        train_loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"][ctx.rank] if isinstance(state["rng"], list) else state["rng"])
-        start_step, tokens_seen = state["step"] + 1, state["tokens_seen"]
-    logger = Logger(out_dir, cfg, meta.get("config", {}), enabled=ctx.master, resume=resume_from is not None)
-    token_bytes = None
-    if tokenizer is not None:  # bytes of every token id, for bits per byte (specials count 0)
-        token_bytes = torch.tensor([len(tokenizer.id_to_bytes(i)) if i not in tokenizer.special_tokens.values() else 0
-                                    for i in range(tokenizer.vocab_size)], device=ctx.device)
-    flops_per_token = raw_model.flops_per_token()
-    peak = gpu_peak_flops(ctx.device)
+    progress = checkpointer.restore(train_loader) if run.resume_from is not None else Progress()
+    logger = Logger(run.out_dir, cfg, ctx, run.meta, resumed_at=progress.step - 1 if run.resume_from else None)
+    flops_per_token, peak = models.raw.flops_per_token(), gpu_peak_flops(ctx.device)
     last_step = cfg.max_iters - 1 if cfg.stop_step < 0 else min(cfg.stop_step, cfg.max_iters - 1)
     metrics: dict = {}
-    bad_loss = torch.zeros((), dtype=torch.bool, device=ctx.device)
-    loss_sum, loss_steps = torch.zeros((), device=ctx.device), 0
-    last_good_ckpt = resume_from
 
-    def save(step: int) -> Path | None:
-        """Called on every rank (they all hand in their RNG state); rank 0 writes."""
-        states = [rng_state()]
-        if ctx.ddp:  # every rank's RNG, so that a resumed DDP run continues exactly
-            gathered = [None] * ctx.world_size if ctx.master else None
-            dist.gather_object(states[0], gathered, dst=0)
-            states = gathered
-        if ctx.fsdp:  # gather the full model and optimizer state (a collective: every rank takes part)
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                                 get_optimizer_state_dict)
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model_state = get_model_state_dict(raw_model, options=options)
-            optimizer_state = get_optimizer_state_dict(raw_model, optimizer, options=options)
-        else:
-            model_state, optimizer_state = raw_model.state_dict(), optimizer.state_dict()
-        if not ctx.master:
-            return None
-        state = {"optimizer": optimizer_state, "loader": train_loader.state_dict(), "rng": states,
-                 "step": step, "tokens_seen": tokens_seen}
-        return save_checkpoint(out_dir, step, model_state, {**meta, "tokens_seen": tokens_seen, "metrics": metrics},
-                               state, tokenizer_path, cfg.keep_checkpoints)
+    # accumulated on the device between log points (no host sync per step)
+    bad_loss = torch.zeros((), dtype=torch.bool, device=ctx.device)
+    loss_sum = torch.zeros((), device=ctx.device)
+    targets_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    extra_sums: dict = {}
+    window = {"steps": 0, "targets": 0.0, "start": time.perf_counter()}  # the current log window
 
     def check_loss(step: int) -> None:
         if bool(bad_loss):
-            raise TrainingError(f"the training loss became NaN or inf by step {step}; stopping before it is saved. "
-                                f"The last good checkpoint is {last_good_ckpt or 'none (no checkpoint was written yet)'}. "
+            raise TrainingError(f"the training loss became NaN or inf by step {step}; stopping before it is saved or "
+                                f"sampled. The last good checkpoint is {checkpointer.latest or 'none (none was written yet)'}. "
                                 f"Try a lower --lr, a longer --warmup_iters or --grad_clip=1.")
 
-    paused = {"seconds": 0.0}  # evaluation time, kept out of tokens/s
-    clock = {"train_seconds": 0.0}  # training time so far without evaluations (for time-to-loss)
+    def count_targets() -> float:
+        """Target tokens since the last call, over all ranks (a collective at log/eval/save points)."""
+        if ctx.ddp:
+            dist.all_reduce(targets_sum)
+        n = float(targets_sum)
+        targets_sum.zero_()
+        return n
 
-    def run_eval(step: int) -> None:
-        start = time.perf_counter()
-        val_loss, bpb = evaluate(model, loss_fn, make_val_loader, cfg.eval_iters, ctx, token_bytes)
-        metrics.update(val_loss=val_loss, val_bpb=bpb)
-        record = {"step": step, "val_loss": val_loss, "val_bpb": bpb, "tokens_seen": tokens_seen,
-                  "train_seconds": round(clock["train_seconds"] + start - t_last - paused["seconds"], 3)}
-        message = f"step {step}: val loss {val_loss:.4f}" + (f", {bpb:.4f} bits/byte" if bpb else "")
-        for name, make_loader in (extra_evals or {}).items():  # other domains' validation data (forgetting)
-            extra_loss, extra_bpb = evaluate(model, loss_fn, make_loader, cfg.eval_iters, ctx, token_bytes)
-            record[f"val_loss_{name}"], record[f"val_bpb_{name}"] = extra_loss, extra_bpb
-            metrics[f"val_loss_{name}"] = extra_loss
-            message += f"; {name}: {extra_loss:.4f}"
-        if sample_fn is not None and (ctx.master or ctx.fsdp) and cfg.sample_tokens > 0:
-            record["sample"] = sample_fn(raw_model, cfg.sample_tokens)  # FSDP: every rank runs the forwards
-            message += f"\n--- sample ---\n{record['sample']}\n--------------"
+    def evaluate_and_log(step: int) -> None:
+        check_loss(step)
+        pause = time.perf_counter()
+        new_targets = count_targets()
+        progress.tokens_seen += int(new_targets)
+        window["targets"] += new_targets
+        results = objective.evaluate(models.train)
+        metrics.update(results)
+        record = {"step": step, **results, "tokens_seen": progress.tokens_seen,
+                  "train_seconds": round(progress.train_seconds + pause - window["start"], 3)}
+        message = f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float))
+        sample = getattr(objective, "sample", None)
+        if sample is not None and cfg.sample_tokens > 0 and (ctx.master or ctx.fsdp):
+            record["sample"] = sample(models.raw)  # FSDP: every rank runs the forwards
+            if record["sample"] is not None:
+                message += f"\n--- sample ---\n{record['sample']}\n--------------"
         if ctx.master:
             tqdm.write(message)
         logger.log(record)
-        paused["seconds"] += time.perf_counter() - start
+        window["start"] += time.perf_counter() - pause  # evaluation time is not training time
 
-    bar = tqdm(range(start_step, last_step + 1), initial=start_step, total=last_step + 1, desc="train",
-               disable=not ctx.master, dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s, not every step
-    t_last, tokens_last = time.perf_counter(), tokens_seen
+    start_step = progress.step
+    bar = logger.bar(start_step, last_step + 1)
     for step in bar:
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:  # the schedule scales every group's peak lr alike
-            group["lr"] = group["base_lr"] * lr / cfg.lr
+        lr = stepper.start(step)
         is_last = step == last_step
-
         if step % cfg.eval_interval == 0:
-            run_eval(step)
+            evaluate_and_log(step)
 
-        # one optimizer step: grad_accum micro-steps, gradients synced only on the last one
         for micro in range(cfg.grad_accum):
             batch = train_loader.next_batch()
-            sync = not ctx.ddp or micro == cfg.grad_accum - 1
-            if ctx.fsdp:
-                raw_model.set_requires_gradient_sync(sync)
-            with (contextlib.nullcontext() if sync or ctx.fsdp else model.no_sync()), ctx.autocast():
-                loss = loss_fn(model, batch, step * cfg.grad_accum + micro) / cfg.grad_accum
-            loss.backward()
+            with stepper.micro(micro):
+                loss, n_targets, extra = objective.loss(models.train, batch, step * cfg.grad_accum + micro)
+            stepper.backward(loss)
             bad_loss |= ~torch.isfinite(loss.detach())
-            loss_sum += loss.detach()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += tokens_per_step
-        loss_steps += 1
+            loss_sum += loss.detach() / cfg.grad_accum
+            targets_sum += n_targets
+            for key, value in extra.items():
+                extra_sums[key] = extra_sums.get(key, 0.0) + (value.detach() if torch.is_tensor(value) else value)
+        stepper.finish()
+        window["steps"] += 1
 
         if step % cfg.log_interval == 0 or is_last:
             check_loss(step)
             if ctx.ddp:  # (gloo has no AVG)
                 dist.all_reduce(loss_sum)
-            train_loss = (loss_sum / loss_steps / ctx.world_size).item()
-            loss_sum.zero_()
-            loss_steps = 0
-            elapsed = time.perf_counter() - t_last - paused["seconds"]
-            clock["train_seconds"] += elapsed
-            tok_s = (tokens_seen - tokens_last) / max(elapsed, 1e-9)
-            t_last, tokens_last, paused["seconds"] = time.perf_counter(), tokens_seen, 0.0
+            new_targets = count_targets()
+            progress.tokens_seen += int(new_targets)
+            window["targets"] += new_targets
+            train_loss = (loss_sum / window["steps"] / ctx.world_size).item()
+            extras = {k: float(v) / (window["steps"] * cfg.grad_accum) for k, v in extra_sums.items()}
+            elapsed = time.perf_counter() - window["start"]
+            progress.train_seconds += elapsed
+            tok_s = window["targets"] / max(elapsed, 1e-9)
             mfu = flops_per_token * tok_s / (peak * ctx.world_size) if peak else None
-            metrics.update(train_loss=train_loss, tokens_per_second=tok_s, mfu=mfu)
+            loss_sum.zero_()
+            extra_sums.clear()
+            window.update(steps=0, targets=0.0, start=time.perf_counter())
+            metrics.update(train_loss=train_loss, tokens_per_second=tok_s, mfu=mfu, **extras)
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}", refresh=False,
                             **({"mfu": f"{100 * mfu:.1f}%"} if mfu else {}))
-            logger.log({"step": step, "train_loss": train_loss, "lr": lr, "tokens_seen": tokens_seen,
-                        "train_seconds": round(clock["train_seconds"], 3),
-                        "tokens_per_second": tok_s, **({"mfu": mfu} if mfu else {})})
+            logger.log({"step": step, "train_loss": train_loss, **extras, "lr": lr, "tokens_seen": progress.tokens_seen,
+                        "train_seconds": round(progress.train_seconds, 3), "tokens_per_second": tok_s,
+                        **({"mfu": mfu} if mfu else {})})
 
         if is_last:  # the final model's numbers, measured after its last update
-            run_eval(step + 1)
+            evaluate_and_log(step + 1)
         if (step > start_step and step % cfg.checkpoint_interval == 0) or is_last:
             check_loss(step)
-            saved = save(step)
-            if saved is not None:
-                last_good_ckpt = saved
+            new_targets = count_targets()
+            progress.tokens_seen += int(new_targets)
+            window["targets"] += new_targets
+            checkpointer.save(step, train_loader, progress, metrics)
     bar.close()
-    if ctx.master and logger.path.exists():
-        plot_losses(logger.path, out_dir / "loss.png", title=meta.get("stage", ""))
     logger.close()
-    return {**metrics, "tokens_seen": tokens_seen, "checkpoint": str(last_good_ckpt) if last_good_ckpt else None}
+    latest = checkpointer.latest
+    return {**metrics, "tokens_seen": progress.tokens_seen, "checkpoint": str(latest) if latest else None}

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nanofm.checkpoint import load_model, save_checkpoint
+from nanofm.common import ConfigError
 from nanofm.convert import ConversionError, architecture, from_hf, main, to_hf, to_hf_tokenizer
 from nanofm.model import ModelConfig, Transformer
 from nanofm.tokenizer import Tokenizer, TokenizerError, train_bpe
@@ -75,7 +76,7 @@ def test_layouts_that_cannot_be_held_are_refused():
         architecture(ModelConfig(**{**GPT2, "pos": "rope"}))
 
 
-def test_cli_round_trip_and_errors(tmp_path, capsys):
+def test_cli_round_trip_and_errors(tmp_path):
     model = randomised(ModelConfig(**GPT2))
     save_checkpoint(tmp_path / "run", 5, model, {"model": model.cfg.to_dict()})
     assert main(["--export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
@@ -83,15 +84,46 @@ def test_cli_round_trip_and_errors(tmp_path, capsys):
     back, meta = load_model(tmp_path / "back")
     assert meta["stage"] == "imported" and all(torch.equal(a, b) for a, b in zip(back.state_dict().values(),
                                                                                  model.state_dict().values()))
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="already exists"):
         main(["--export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")])  # exists: refused
     bert = Transformer(ModelConfig(**{**GPT2, "causal": False}))
     save_checkpoint(tmp_path / "bert", 1, bert, {"model": bert.cfg.to_dict()})
-    assert main(["--export", str(tmp_path / "bert"), "--out", str(tmp_path / "hf_bert")]) == 1
-    assert "norm_position=pre" in capsys.readouterr().err and not (tmp_path / "hf_bert").exists()
-    assert not list(tmp_path.glob(".tmp-*"))
-    assert main(["--import", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 1
-    assert "has no config.json" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    with pytest.raises(ConversionError):
+        main(["--export", str(tmp_path / "bert"), "--out", str(tmp_path / "hf_bert")])
+    assert not (tmp_path / "hf_bert").exists() and not list(tmp_path.glob(".tmp-*"))
+    with pytest.raises(ConversionError, match="no config.json"):
+        main(["--import", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("kind, setting, message", [
+    ("llama", {"attention_bias": True}, "attention_bias=True"),
+    ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ("gpt2", {"activation_function": "relu"}, "activation_function='relu'"),
+    ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
+])
+def test_import_refuses_settings_the_model_cannot_express(tmp_path, kind, setting, message):
+    """Each of these imports used to succeed with logits off by up to 1.2: now refused, naming the setting."""
+    import transformers
+    cfg = {"gpt2": GPT2, "llama": LLAMA}[kind]
+    model = randomised(ModelConfig(**cfg))
+    hf = to_hf(model)
+    for key, value in setting.items():
+        setattr(hf.config, key, value)
+    hf.save_pretrained(tmp_path / "hf")
+    reloaded = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+    assert any(getattr(reloaded, k, None) == v for k, v in setting.items()) or kind == "llama"
+    with pytest.raises(ConversionError, match=message):
+        main(["--import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")])
+    assert not (tmp_path / "back").exists()
+
+
+def test_import_of_an_unknown_architecture_names_it(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "mistral", "hidden_size": 32}')  # and no weights
+    with pytest.raises(ConversionError, match="cannot import a 'mistral' model"):
+        main(["--import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")])
 
 
 def test_resized_vocab_keeps_the_old_rows():

@@ -105,10 +105,12 @@ def test_logprobs_are_the_models(tok):
 
 
 def test_bad_parameters(tok):
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
-        SamplingParams(temperature=-1)
-    with pytest.raises(ValueError, match="top_p must be in"):
-        SamplingParams(top_p=0)
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+            SamplingParams(temperature=bad)
+    for bad in (0, 2, float("nan")):
+        with pytest.raises(ValueError, match="top_p must be in"):
+            SamplingParams(top_p=bad)
     with pytest.raises(ValueError, match="max_tokens must be at least 1"):
         SamplingParams(max_tokens=0)
     with pytest.raises(ValueError, match="bidirectional"):

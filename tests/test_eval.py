@@ -297,3 +297,64 @@ def test_bad_input(tmp_path, data_dir):
     with pytest.raises(CheckpointError, match="do not fit this model"):  # weights of another shape than meta.json says
         evaluate.main(["--ckpt", str(tmp_path / "mismatch"), "--out_dir", str(tmp_path / "ev")])
     assert not (tmp_path / "ev").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_out_dir_is_never_a_users_folder(trained, tmp_path):
+    """Only a directory eval.py wrote (or an empty one) is replaced; a user's folder or a file is refused
+    before any work, and left as it was."""
+    import eval as evaluate
+    from nanofm.evaluate import ReportError
+    _, done = trained
+    users = tmp_path / "out"
+    (users / "pretrain").mkdir(parents=True)
+    (users / "pretrain" / "precious.pt").write_text("weights")
+    args = ["--ckpt", str(done), "--tasks", "perplexity", "--max_items=5", "--progress=false"]
+    with pytest.raises(ReportError, match="did not write"):
+        evaluate.main(args + ["--out_dir", str(users)])
+    assert (users / "pretrain" / "precious.pt").read_text() == "weights"
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(ReportError, match="is a file"):
+        evaluate.main(args + ["--out_dir", str(tmp_path / "afile")])
+    assert (tmp_path / "afile").read_text() == "mine" and not list(tmp_path.glob(".*afile*"))
+    (tmp_path / "empty").mkdir()
+    evaluate.main(args + ["--out_dir", str(tmp_path / "empty")])  # empty: fine, and now it is eval's
+    evaluate.main(args + ["--out_dir", str(tmp_path / "empty")])  # eval's own: replaced
+    assert (tmp_path / "empty" / ".nanofm-eval").is_file() and (tmp_path / "empty" / "report.json").is_file()
+
+
+@pytest.mark.parametrize("flag, message", [("--num_samples=0", "--num_samples must be at least 1"),
+                                           ("--top_p=2", "--top_p must be in"), ("--temperature=nan", "--temperature must be"),
+                                           ("--max_items=0", "--max_items must be"), ("--device=cpuu", "unknown device")])
+def test_bad_sampling_flags_are_clear_errors(flag, message):
+    import eval as evaluate
+    from nanofm.common import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        evaluate.main(["--ckpt", "x", "--prompt", "hi", flag])
+
+
+def test_chat_tuned_checkpoints_are_asked_in_their_chat_format(data_dir):
+    """A checkpoint whose meta names a chat format gets the question as a user turn ending with the
+    assistant tag; a base model keeps the plain-text prompt."""
+    from nanofm import chat
+    tok = Tokenizer.load(data_dir)
+    item = tasks.generation_items(tasks.val_docs(data_dir))[0]
+    question = item["question"]
+    assert item["prompt"] == f"User: {question}\nBot:"
+    sp = tok.special_tokens
+    assert tasks.prompt_ids(tok, item, chat.CHAT_FORMAT) == (
+        [tok.bos_id, sp["<|user|>"]] + tok.encode(question) + [sp["<|end|>"], sp["<|assistant|>"]])
+    assert tasks.prompt_ids(tok, item, None) == tok.encode(f"User: {question}\nBot:", bos=True)
+    with pytest.raises(tasks.TaskError, match="unknown chat format"):
+        tasks.prompt_ids(tok, item, "chatml")
+    # the library runs the chat-format prompts through the model (an in-memory subject, no checkpoint)
+    from nanofm.evaluate import Settings, Subject, run_tasks
+    model = small_lm(tok)
+    seen = []
+    subject = Subject(model, tok, {"chat_format": chat.CHAT_FORMAT, "data_dir": str(data_dir)}, name="chatty")
+    real_generate = subject.engine.generate
+    subject.engine.generate = lambda prompts, *a, **k: seen.extend(prompts) or real_generate(prompts, *a, **k)
+    out = run_tasks(subject, ["generation", "choice"], Settings(max_items=5))
+    assert seen and all(p[1] == sp["<|user|>"] and p[-1] == sp["<|assistant|>"] for p in seen)
+    assert 0 <= out["results"]["choice"]["acc"] <= 1 and out["results"]["generation"]["n"] == 5
+    base = run_tasks(Subject(model, tok, {"data_dir": str(data_dir)}), ["choice"], Settings(max_items=5))
+    assert base["results"]["choice"]["n"] == out["results"]["choice"]["n"]

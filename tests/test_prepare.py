@@ -145,6 +145,29 @@ def test_sharded_curation_across_machines(folder, tmp_path):
     assert len((tmp_path / "final" / "curated.jsonl").read_text().splitlines()) == 41 * 2 + 1
 
 
+def test_a_users_report_and_tokenizer_are_never_overwritten(folder, tmp_path):
+    """A folder with another run's record (prepare-*-of-*.json) and the user's own report.json and
+    tokenizer.json: refused, nothing touched."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "prepare-00000-of-00002.json").write_text("{}")
+    (out / "report.json").write_text("my report")
+    (out / "tokenizer.json").write_text("my tokenizer")
+    code, log = prepare("--input", folder, "--out", out, "--vocab_size=520", "--languages=")
+    assert code == 1 and "already holds report.json" in log and "no record of making" in log
+    assert (out / "report.json").read_text() == "my report" and (out / "tokenizer.json").read_text() == "my tokenizer"
+    assert sorted(p.name for p in out.iterdir()) == ["prepare-00000-of-00002.json", "report.json", "tokenizer.json"]
+
+
+@pytest.mark.parametrize("mix, message", [("Prose:0.1", "did you mean 'prose'"), ("prose:1,cod:0", "did you mean 'code'"),
+                                          ("prose:nan", "finite weights"), ("code:inf", "finite weights"),
+                                          ("legal:1", "neither nanofm nor the inputs have")])
+def test_mix_typos_and_bad_weights_are_refused_before_curation(folder, tmp_path, mix, message):
+    code, log = prepare("--input", folder, "--out", tmp_path / "o", "--vocab_size=520", "--languages=", f"--mix={mix}")
+    assert code == 1 and message in log and "Traceback" not in log
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 def test_builtin_corpus(tmp_path):
     out = tmp_path / "default"

@@ -1,6 +1,7 @@
 """Model sizing: the memory, token and time arithmetic, the budget recommendation, the CLI."""
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from nanofm import sizing
+from nanofm.common import ConfigError
 from nanofm.model import ModelConfig, describe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,13 +44,31 @@ def test_recommendation_is_compute_optimal(hours):
     assert tokens * describe(cfg)["flops_per_token"] == pytest.approx(budget, rel=1e-6)
 
 
+def sizing_cli(*args):
+    return subprocess.run([sys.executable, "-m", "nanofm.sizing", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+
+
 def test_cli():
-    out = subprocess.run([sys.executable, "-m", "nanofm.model", "--sizing", "--preset", "gpt2", "--gpus", "8"],
-                         capture_output=True, text=True, cwd=ROOT)
+    out = sizing_cli("--preset", "gpt2", "--gpus", "8")
     assert out.returncode == 0 and "parameters: 124,475,904" in out.stdout and "GPU-hours" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "nanofm.model", "--sizing", "--mfu", "2"], capture_output=True, text=True,
-                         cwd=ROOT)
-    assert out.returncode == 2 and "--mfu must be in (0, 1]" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "nanofm.model", "--sizing", "--budget_gpu_hours", "100000",
-                          "--gpu_memory_gib", "80"], capture_output=True, text=True, cwd=ROOT)
+    out = sizing_cli("--budget_gpu_hours", "100000", "--gpu_memory_gib", "80")
     assert out.returncode == 0 and "does not fit one GPU" in out.stdout and "--fsdp" in out.stdout
+
+
+@pytest.mark.parametrize("flag, message", [("--mfu=2", "--mfu must be in (0, 1]"), ("--gpus=0", "--gpus must be at least 1"),
+                                           ("--batch_size=-4", "--batch_size must be at least 1"),
+                                           ("--tokens=-1e9", "--tokens must be positive"),
+                                           ("--gpu_memory_gib=-80", "--gpu_memory_gib must be positive"),
+                                           ("--n_layer=0", "--n_layer must be at least 1"), ("--gpu=V100", "unknown --gpu")])
+def test_cli_bad_input(flag, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        sizing.main([flag])
+
+
+def test_model_and_sizing_do_not_import_each_other():
+    """model.py lists presets; sizing has its own entry point and imports model, never the reverse."""
+    source = (ROOT / "nanofm" / "model.py").read_text()
+    assert "sizing" not in source.split('if __name__ == "__main__"')[0].replace("python -m nanofm.sizing", "")
+    out = subprocess.run([sys.executable, "-c", "import nanofm.model, sys; print('nanofm.sizing' in sys.modules)"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"

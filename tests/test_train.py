@@ -13,7 +13,9 @@ from nanofm import checkpoint
 from nanofm.checkpoint import CheckpointError, load_model, save_checkpoint
 from nanofm.data import TokenLoader
 from nanofm.model import ModelConfig, Transformer
-from nanofm.train import TrainConfig, TrainingError, lr_at, make_optimizer, setup, train, wrap_model
+from nanofm.common import ConfigError
+from nanofm.train import (Run, TrainConfig, TrainingError, lr_at, make_optimizer, read_metrics, setup, train,
+                          wrap_model)
 from textgen import markov
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +146,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="could not write .*disk full.*step 2 was not saved"):
         save_checkpoint(tmp_path, 2, model, {"model": model.cfg.to_dict()})
     monkeypatch.setattr(torch, "save", real_save)
     assert (tmp_path / "latest").read_text() == "ckpt_0000001" and not (tmp_path / "ckpt_0000002").exists()
@@ -154,31 +156,52 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000003", "latest"]
 
 
+class ExplodingObjective:
+    """Causal LM loss that turns NaN from step `at` on."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def loss(self, model, batch, step):
+        x, y = batch
+        _, loss = model(x, y)
+        return (loss * float("nan") if step >= self.at else loss), y.numel(), {}
+
+    def evaluate(self, model):
+        return {}
+
+    def sample(self, model):
+        assert all(torch.isfinite(p).all() for p in model.parameters()), "a NaN model must never be sampled"
+        return "a sample"
+
+
 def test_nan_loss_stops_with_the_last_good_checkpoint(data_dir, tmp_path):
     cfg = TrainConfig(max_iters=20, batch_size=2, checkpoint_interval=2, log_interval=1, eval_interval=100,
                       eval_iters=1, device="cpu")
     ctx = setup(cfg)
-    model, raw = wrap_model(Transformer(ModelConfig(vocab_size=576, n_layer=1, n_head=2, n_embd=16, block_size=16)), cfg, ctx)
-
-    def loss_fn(model, batch, step, reduction="mean"):
-        x, y = batch
-        _, loss = model(x, y)
-        if step >= 5:
-            loss = loss * float("nan")
-        return loss if reduction == "mean" else (loss * y.numel(), y.numel(), y)
-
+    models = wrap_model(Transformer(ModelConfig(vocab_size=576, n_layer=1, n_head=2, n_embd=16, block_size=16)), cfg, ctx)
     loader = TokenLoader(data_dir, "train", 2, 16)
     with pytest.raises(TrainingError, match="NaN or inf by step 5.*ckpt_0000004"):
-        train(cfg, ctx, model, raw, loss_fn, loader, lambda: TokenLoader(data_dir, "val", 2, 16), tmp_path,
-              {"model": raw.cfg.to_dict()}, 32)
+        train(cfg, ctx, models, ExplodingObjective(5), loader, Run(tmp_path, {"model": models.raw.cfg.to_dict()}))
     assert checkpoint.resolve(tmp_path).name == "ckpt_0000004"
     loaded, _ = load_model(tmp_path)
     assert all(torch.isfinite(p).all() for p in loaded.parameters())
 
 
+def test_nan_just_before_an_evaluation_stops_before_the_sample(data_dir, tmp_path):
+    """The NaN check runs before the evaluation and its sample (which would crash on NaN weights)."""
+    cfg = TrainConfig(max_iters=20, batch_size=2, checkpoint_interval=100, log_interval=100, eval_interval=4,
+                      eval_iters=1, device="cpu")
+    ctx = setup(cfg)
+    models = wrap_model(Transformer(ModelConfig(vocab_size=576, n_layer=1, n_head=2, n_embd=16, block_size=16)), cfg, ctx)
+    with pytest.raises(TrainingError, match="NaN or inf by step 4"):
+        train(cfg, ctx, models, ExplodingObjective(3), TokenLoader(data_dir, "train", 2, 16),
+              Run(tmp_path, {"model": models.raw.cfg.to_dict()}))
+
+
 def test_clear_errors(data_dir, tmp_path):
     code, log = run_script("--n_layers=3")
-    assert code == 2 and "did you mean --n_layer" in log
+    assert code == 1 and "did you mean --n_layer" in log
     code, log = run_script("--data_dir", tmp_path / "nothing")
     assert code == 1 and "python data/prepare.py --out" in log and "Traceback" not in log
     pretrain("--data_dir", data_dir, "--out_dir", tmp_path / "base", "--max_iters=2", "--eval_interval=100")
@@ -305,6 +328,197 @@ def test_continued_pretraining_errors(data_dir, other_data, tmp_path):
     code, log = run_script("--data_dir", data_dir, "--replay_dir", other_data["own"], "--replay_ratio=0.5", "--max_iters=1")
     assert code == 1 and "use different tokenizers" in log
     code, log = run_script("--data_dir", data_dir, "--replay_dir", data_dir, "--replay_ratio=1.0")
-    assert code == 2 and "--replay_ratio must be in [0, 1)" in log
+    assert code == 1 and "--replay_ratio must be in [0, 1)" in log
     code, log = run_script("--data_dir", data_dir, "--replay_ratio=0.3")
-    assert code == 2 and "needs --replay_dir" in log
+    assert code == 1 and "needs --replay_dir" in log
+
+
+def test_a_new_run_never_overwrites_another_run(data_dir, tmp_path):
+    args = ["--data_dir", data_dir, "--out_dir", tmp_path / "run", "--max_iters=3", "--eval_interval=100"]
+    pretrain(*args)
+    before = weights(tmp_path / "run")
+    code, log = run_script(*args)
+    assert code == 1 and "already holds a run" in log and "--init_from=resume" in log and "--overwrite" in log
+    assert all(torch.equal(before[k], weights(tmp_path / "run")[k]) for k in before)  # untouched
+    result = pretrain(*args, "--overwrite", "--max_iters=2")  # asked for: the old run is replaced
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path / "run")] == ["ckpt_0000001"]
+    assert result["checkpoint"].endswith("ckpt_0000001")
+    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train_loss" in r]
+    assert steps == [0, 1]
+
+
+def test_two_runs_cannot_write_one_directory_at_once(data_dir, tmp_path):
+    import fcntl
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "run" / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another run holds it
+        held.write("pid 4242")
+        held.flush()
+        code, log = run_script("--data_dir", data_dir, "--out_dir", tmp_path / "run", "--max_iters=1")
+    assert code == 1 and "another run (pid 4242) is writing to" in log
+    assert not checkpoint.complete_checkpoints(tmp_path / "run")
+
+
+def test_resume_after_a_kill_before_latest_and_no_repeated_rows(data_dir, tmp_path):
+    """Killed after the checkpoint's rename but before `latest`, with a half-written metrics line:
+    the run resumes, the log has each step once, and its training time keeps counting."""
+    args = ["--data_dir", data_dir, "--max_iters=12", "--eval_interval=3", "--checkpoint_interval=100"]
+    pretrain(*args, "--out_dir", tmp_path / "run", "--stop_step=5")
+    (tmp_path / "run" / "latest").unlink()
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:  # rows written after the checkpoint, then cut short
+        f.write(json.dumps({"step": 7, "train_loss": 1.0}) + "\n" + '{"step": 8, "train_lo')
+    seconds_at_stop = max(r["train_seconds"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["step"] <= 5)
+    state = torch.load(tmp_path / "run" / "ckpt_0000005" / "state.pt", weights_only=True)  # plain types only
+    assert state["step"] == 5 and state["train_seconds"] == pytest.approx(seconds_at_stop, abs=1e-3)
+    pretrain(*args, "--out_dir", tmp_path / "run", "--init_from=resume")
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    train_steps = [r["step"] for r in records if "train_loss" in r]
+    eval_steps = [r["step"] for r in records if "val_loss" in r]
+    assert train_steps == list(range(12)) and len(eval_steps) == len(set(eval_steps))
+    resumed = [r["train_seconds"] for r in records if r["step"] > 5]
+    assert min(resumed) >= seconds_at_stop  # time-to-loss counts the time before the stop too
+    pretrain(*args, "--out_dir", tmp_path / "straight")
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_full_disk_is_a_clear_error(tmp_path):
+    from nanofm.train import Logger
+    logger = Logger(tmp_path, TrainConfig(), setup(TrainConfig(device="cpu")), {})
+    logger.path = tmp_path / "metrics.jsonl"
+    logger.path.symlink_to("/dev/full")  # every write fails with ENOSPC, as on a full disk
+    with pytest.raises(TrainingError, match="the disk is full while writing .*metrics.jsonl"):
+        logger.log({"step": 0, "train_loss": 1.0})
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--seq_len=-5", "--seq_len must be >= 0"), ("--dtype=float16", "gradient scaler"),
+    ("--device=cpuu", "unknown device 'cpuu'"), ("--compile=maybe", "--compile must be one of"),
+    ("--learning_rate=1e-3", "did you mean --lr"), ("--lr=nan", "--lr must be a finite number"),
+    ("--n_layer=0", "--n_layer must be at least 1"), ("--dropout=1.5", "--dropout must be in"),
+])
+def test_bad_flags_are_clear_errors(flag, message):
+    with pytest.raises(ConfigError, match=message):
+        pretrain(flag)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_and_out_dir_a_file(data_dir, tmp_path):
+    code, log = run_script("--data_dir", data_dir, "--device=cuda", "--max_iters=1")
+    assert code == 1 and "has no CUDA GPU" in log and "Traceback" not in log
+    (tmp_path / "afile").write_text("mine")
+    code, log = run_script("--data_dir", data_dir, "--out_dir", tmp_path / "afile", "--max_iters=1")
+    assert code == 1 and "is a file" in log and (tmp_path / "afile").read_text() == "mine"
+
+
+def test_token_ids_outside_the_vocabulary_name_the_shard(data_dir, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from nanofm.data import write_shard
+    bad = tmp_path / "bad"
+    shutil.copytree(data_dir, bad)
+    write_shard(bad / "val_000000.bin", np.array([1, 2, 60000], dtype=np.uint16), 1)
+    code, log = run_script("--data_dir", bad, "--out_dir", tmp_path / "run", "--max_iters=1")
+    assert code == 1 and "val_000000.bin holds token id 60000" in log and "Traceback" not in log
+
+
+def test_a_bug_keeps_its_traceback(tmp_path):
+    """User errors print `error: ...`; anything else is a bug and shows where it happened."""
+    script = tmp_path / "buggy.py"
+    script.write_text("import sys; sys.path.insert(0, %r)\nfrom nanofm.common import run_cli, ConfigError\n"
+                      "def main(kind):\n    raise ConfigError('bad flag') if kind == 'user' else KeyError('bug')\n"
+                      "run_cli(main, sys.argv[1])\n" % str(ROOT))
+    user = subprocess.run([sys.executable, str(script), "user"], capture_output=True, text=True)
+    bug = subprocess.run([sys.executable, str(script), "bug"], capture_output=True, text=True)
+    assert user.returncode == 1 and user.stderr.strip() == "error: bad flag"
+    assert bug.returncode == 1 and "Traceback" in bug.stderr and "KeyError: 'bug'" in bug.stderr
+
+
+def test_non_contiguous_targets():
+    model = Transformer(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=16))
+    x = torch.randint(0, 64, (2, 9))
+    _, loss = model(x[:, :-1], x[:, 1:])  # a slice: not contiguous
+    _, reference = model(x[:, :-1].contiguous(), x[:, 1:].contiguous())
+    assert torch.isfinite(loss) and loss == reference
+
+
+class TargetsObjective:
+    """Causal LM on every other position (the rest ignored): n_targets is half the tokens."""
+
+    def loss(self, model, batch, step):
+        x, y = batch
+        y = y.clone()
+        y[:, ::2] = -100
+        _, loss = model(x, y)
+        return loss, (y != -100).sum(), {"ignored_share": float((y == -100).float().mean())}
+
+    def evaluate(self, model):
+        return {"val_metric": 1.5}  # no bits per byte: whatever the objective reports
+
+
+def test_passed_optimizer_extra_head_and_real_target_tokens(data_dir, tmp_path):
+    """A model with an extra head, an optimizer with its own groups (the head at 10x lr), an
+    objective that ignores half the positions: the schedule keeps the groups' ratio, tokens count
+    only real targets, and the objective's own metrics are logged."""
+    cfg = TrainConfig(max_iters=4, batch_size=2, log_interval=1, eval_interval=2, eval_iters=1, device="cpu", lr=1e-3,
+                      warmup_iters=0, min_lr_ratio=0.5)
+    ctx = setup(cfg)
+    model = Transformer(ModelConfig(vocab_size=576, n_layer=1, n_head=2, n_embd=16, block_size=16))
+    model.value_head = torch.nn.Linear(16, 1)  # an extra head (PPO's value head, say)
+    models = wrap_model(model, cfg, ctx)
+    body = [p for n, p in model.named_parameters() if not n.startswith("value_head")]
+    optimizer = torch.optim.AdamW([{"params": body, "lr": 1e-3}, {"params": model.value_head.parameters(), "lr": 1e-2}])
+    result = train(cfg, ctx, models, TargetsObjective(), TokenLoader(data_dir, "train", 2, 16),
+                   Run(tmp_path, {"model": model.cfg.to_dict()}), optimizer=optimizer)
+    body_lr, head_lr = (g["lr"] for g in optimizer.param_groups)
+    assert head_lr == pytest.approx(10 * body_lr) and body_lr < 1e-3  # scheduled alike
+    assert result["tokens_seen"] == 4 * 2 * 8 and result["val_metric"] == 1.5 and "val_bpb" not in result
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert all(r["ignored_share"] == 0.5 for r in records if "train_loss" in r)
+    assert [r["tokens_seen"] for r in records if "train_loss" in r] == [16, 32, 48, 64]
+    saved = torch.load(checkpoint.resolve(tmp_path) / "model.pt", weights_only=True)
+    assert "value_head.weight" in saved
+
+
+def wandb_history(run_file: Path) -> list[dict]:
+    """The history rows of an offline wandb run file: a LevelDB-style log (32 KiB blocks of records with
+    a 7-byte header: checksum, length, type) of protobuf Records, after a 7-byte ':W&B' file header."""
+    from wandb.proto import wandb_internal_pb2
+    data, pos, block, pending, rows = run_file.read_bytes(), 7, 32768, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if kind == 0:
+            break
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL, or LAST of a split record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or ".".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def test_wandb_offline_logs_the_run(data_dir, tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is a listed dependency (requirements.txt); install it")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    pretrain("--data_dir", data_dir, "--out_dir", tmp_path / "w", "--max_iters=3", "--eval_interval=2",
+             "--wandb_project=nanofm-test")
+    runs = list((tmp_path / "w" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    history = wandb_history(runs[0])
+    logged = read_metrics(tmp_path / "w" / "metrics.jsonl")
+    ours = {(r["step"], k): v for r in logged for k, v in r.items() if k in ("train_loss", "val_loss")}
+    theirs = {(row["_step"], k): v for row in history for k, v in row.items() if k in ("train_loss", "val_loss")}
+    assert len(ours) == 6 and theirs.keys() == ours.keys()  # 3 train rows, evals at steps 0, 2 and 3
+    assert all(theirs[key] == pytest.approx(ours[key]) for key in ours)

@@ -1,0 +1,110 @@
+"""The chat format: one renderer from a conversation to token ids and a loss mask, used by SFT
+data, preference pairs, evaluation prompts and serving alike.
+
+    from nanofm.chat import render, render_prompt, parse
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is 2+2?"},
+                {"role": "assistant", "content": "4"}]
+    ids, mask = render(tokenizer, messages)     # mask[i] = 1 where token i is trained on
+    prompt = render_prompt(tokenizer, messages[:2])   # ... <|assistant|>: the model writes the reply
+    parse(tokenizer, ids)                       # -> the messages back
+
+The format ("nanofm-chat-v1", recorded as meta.json's chat_format):
+
+    <|bos|> <|system|> text <|end|> <|user|> text <|end|> <|assistant|> text <|end|> ...
+
+Design decisions:
+- Each role has its own special token, and every turn ends with <|end|>. The loss mask covers the
+  assistant's content and its <|end|> only: the model learns to answer and to stop, not to
+  predict what users say or which role comes next (the role tags are given to it).
+- The generation prompt ends with <|assistant|>, so generation starts with the reply's first
+  token; the engine stops at <|end|> (one of the tokenizer's end tokens).
+- Content is encoded with the tokenizer's plain `encode`, which treats "<|user|>" written in a
+  message as ordinary text: no message can inject a control token (tested).
+- Roles: an optional system turn first, then user and assistant turns; two turns of the same
+  role in a row are allowed (a user who sends two messages), an unknown role is an error.
+- `parse` is the inverse of `render` on its own output; it stops at a turn without <|end|> (a
+  reply being generated) and returns what is complete plus that partial turn.
+"""
+
+from __future__ import annotations
+
+from nanofm.common import NanofmError
+
+CHAT_FORMAT = "nanofm-chat-v1"
+ROLES = ("system", "user", "assistant")
+END = "<|end|>"
+
+
+class ChatError(NanofmError, ValueError):
+    pass
+
+
+def role_ids(tokenizer) -> dict[str, int]:
+    try:
+        return {role: tokenizer.special_tokens[f"<|{role}|>"] for role in ROLES}
+    except KeyError:
+        raise ChatError(f"tokenizer {tokenizer.name} has no chat role tokens (<|system|>, <|user|>, <|assistant|>); "
+                        f"nanofm's BPE and gpt2 have them") from None
+
+
+def end_id(tokenizer) -> int:
+    if END not in tokenizer.special_tokens:
+        raise ChatError(f"tokenizer {tokenizer.name} has no {END} token")
+    return tokenizer.special_tokens[END]
+
+
+def check_messages(messages) -> None:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ChatError("a conversation is a non-empty list of {'role': ..., 'content': ...} messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise ChatError(f"message {i} must be {{'role': ..., 'content': <text>}}, got {message!r:.80}")
+        if message.get("role") not in ROLES:
+            raise ChatError(f"message {i} has role {message.get('role')!r}; roles are {', '.join(ROLES)}")
+        if message["role"] == "system" and i > 0:
+            raise ChatError(f"message {i}: a system message may only come first")
+
+
+def render(tokenizer, messages, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """(ids, mask) of a conversation; mask is 1 on the assistant's content and its <|end|>."""
+    check_messages(messages)
+    roles, end = role_ids(tokenizer), end_id(tokenizer)
+    ids, mask = [tokenizer.bos_id], [0]
+    for message in messages:
+        content = tokenizer.encode(message["content"])  # plain text: control tokens cannot be injected
+        trained = int(message["role"] == "assistant")
+        ids += [roles[message["role"]]] + content + [end]
+        mask += [0] + [trained] * (len(content) + 1)
+    if add_generation_prompt:
+        ids.append(roles["assistant"])
+        mask.append(0)
+    return ids, mask
+
+
+def render_prompt(tokenizer, messages) -> list[int]:
+    """The ids a model continues to write the assistant's next reply."""
+    if messages and messages[-1].get("role") == "assistant":
+        raise ChatError("the conversation already ends with an assistant message; a prompt ends with the user's turn")
+    return render(tokenizer, messages, add_generation_prompt=True)[0]
+
+
+def parse(tokenizer, ids: list[int]) -> list[dict]:
+    """The messages of rendered ids (bos and anything before the first role token are skipped).
+    A last turn without <|end|> is returned as it stands (a reply still being written)."""
+    by_id = {i: role for role, i in role_ids(tokenizer).items()}
+    end = end_id(tokenizer)
+    messages, role, content = [], None, []
+    for token in ids:
+        if token in by_id:
+            if role is not None:  # a turn that never ended: keep it as it stands
+                messages.append({"role": role, "content": tokenizer.decode(content)})
+            role, content = by_id[token], []
+        elif token == end and role is not None:
+            messages.append({"role": role, "content": tokenizer.decode(content)})
+            role, content = None, []
+        elif role is not None:
+            content.append(token)
+    if role is not None:
+        messages.append({"role": role, "content": tokenizer.decode(content)})
+    return messages
