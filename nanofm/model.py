@@ -463,16 +463,23 @@ def describe(cfg: ModelConfig, seq_len: int | None = None) -> dict:
             "flops_per_token": model.flops_per_token(seq_len)}
 
 
-if __name__ == "__main__":  # list the presets; model sizing for a budget is python -m nanofm.sizing
-    import argparse
+def list_presets(argv=None) -> None:
+    from nanofm.config import ArgumentParser
 
-    parser = argparse.ArgumentParser(description="parameters and FLOPs per token of the model presets")
+    parser = ArgumentParser(description="parameters and FLOPs per token of the model presets")
     parser.add_argument("--preset", default=None, choices=list(PRESETS))
     parser.add_argument("--vocab_size", type=int, default=None, help="vocabulary (default: the preset's, else 50304)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.vocab_size is not None and args.vocab_size < 1:
+        parser.error(f"--vocab_size must be at least 1, got {args.vocab_size}")
     for name in [args.preset] if args.preset else PRESETS:
         cfg = ModelConfig.preset(name, vocab_size=args.vocab_size)
         info = describe(cfg)
         print(f"{name:12s} {cfg.n_layer:3d} layers x {cfg.n_embd:5d} wide, context {cfg.block_size:5d}, "
               f"vocab {cfg.vocab_size:6d}: {info['params'] / 1e6:8.1f}M params, "
               f"{info['flops_per_token'] / 1e9:6.2f} GFLOP/token")
+
+
+if __name__ == "__main__":  # model sizing for a budget is python -m nanofm.sizing
+    from nanofm.common import run_cli
+    run_cli(list_presets)

@@ -54,7 +54,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -549,6 +549,83 @@ def evaluate_nll(model, nll_sum, make_loader, iters: int, ctx: Context, token_by
 
 # ------------------------------------------------------------------ the loop
 
+class Tally:
+    """What the loop accumulates between two log lines: on the device (no host sync per step) the
+    loss, the NaN flag, the target-token count and the objective's metrics; on the host the log
+    window's steps, targets and clock (evaluation time is paused out of it)."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.bad_loss = torch.zeros((), dtype=torch.bool, device=ctx.device)
+        self.loss_sum = torch.zeros((), device=ctx.device)
+        self.targets = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        self.extras: dict = {}
+        self.steps, self.window_targets, self.window_start = 0, 0.0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, n_targets, extras: dict, grad_accum: int) -> None:
+        self.bad_loss |= ~torch.isfinite(loss.detach())
+        self.loss_sum += loss.detach() / grad_accum
+        self.targets += n_targets
+        for key, value in extras.items():
+            self.extras[key] = self.extras.get(key, 0.0) + (value.detach() if torch.is_tensor(value) else value)
+
+    def check_finite(self, step: int, last_good) -> None:
+        if bool(self.bad_loss):
+            raise TrainingError(f"the training loss became NaN or inf by step {step}; stopping before it is saved or "
+                                f"sampled. The last good checkpoint is {last_good or 'none (none was written yet)'}. "
+                                f"Try a lower --lr, a longer --warmup_iters or --grad_clip=1.")
+
+    def take_targets(self) -> int:
+        """Target tokens since the last call, over all ranks (a collective: every rank calls it at
+        the same steps), also counted in the current log window."""
+        if self.ctx.ddp:
+            dist.all_reduce(self.targets)
+        n = float(self.targets)
+        self.targets.zero_()
+        self.window_targets += n
+        return int(n)
+
+    def close_window(self, grad_accum: int) -> dict:
+        """The log window's train loss, objective metrics, seconds and tokens/s; starts the next."""
+        if self.ctx.ddp:  # (gloo has no AVG)
+            dist.all_reduce(self.loss_sum)
+        elapsed = time.perf_counter() - self.window_start
+        window = {"train_loss": (self.loss_sum / self.steps / self.ctx.world_size).item(),
+                  "extras": {k: float(v) / (self.steps * grad_accum) for k, v in self.extras.items()},
+                  "seconds": elapsed, "tokens_per_second": self.window_targets / max(elapsed, 1e-9)}
+        self.loss_sum.zero_()
+        self.extras.clear()
+        self.steps, self.window_targets, self.window_start = 0, 0.0, time.perf_counter()
+        return window
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.window_start
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evaluations) does not count as training time."""
+        start = time.perf_counter()
+        yield
+        self.window_start += time.perf_counter() - start
+
+
+def evaluate_and_log(step: int, objective, models: Models, cfg: TrainConfig, ctx: Context, logger: Logger,
+                     progress: Progress, metrics: dict) -> None:
+    """The objective's evaluation (and sample) at `step`, printed and logged."""
+    results = objective.evaluate(models.train)
+    metrics.update(results)
+    record = {"step": step, **results, "tokens_seen": progress.tokens_seen, "train_seconds": round(progress.train_seconds, 3)}
+    message = f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float))
+    sample = getattr(objective, "sample", None)
+    if sample is not None and cfg.sample_tokens > 0 and (ctx.master or ctx.fsdp):
+        record["sample"] = sample(models.raw)  # FSDP: every rank runs the forwards
+        if record["sample"] is not None:
+            message += f"\n--- sample ---\n{record['sample']}\n--------------"
+    if ctx.master:
+        tqdm.write(message)
+    logger.log(record)
+
+
 def train(cfg: TrainConfig, ctx: Context, models: Models, objective, train_loader, run: Run, optimizer=None) -> dict:
     """Run the loop; returns the final metrics, tokens seen and the last checkpoint."""
     lock = claim_run_dir(run, cfg, ctx)
@@ -569,100 +646,51 @@ def _loop(cfg, ctx, models, objective, train_loader, run, optimizer) -> dict:
     flops_per_token, peak = models.raw.flops_per_token(), gpu_peak_flops(ctx.device)
     last_step = cfg.max_iters - 1 if cfg.stop_step < 0 else min(cfg.stop_step, cfg.max_iters - 1)
     metrics: dict = {}
-
-    # accumulated on the device between log points (no host sync per step)
-    bad_loss = torch.zeros((), dtype=torch.bool, device=ctx.device)
-    loss_sum = torch.zeros((), device=ctx.device)
-    targets_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    extra_sums: dict = {}
-    window = {"steps": 0, "targets": 0.0, "start": time.perf_counter()}  # the current log window
-
-    def check_loss(step: int) -> None:
-        if bool(bad_loss):
-            raise TrainingError(f"the training loss became NaN or inf by step {step}; stopping before it is saved or "
-                                f"sampled. The last good checkpoint is {checkpointer.latest or 'none (none was written yet)'}. "
-                                f"Try a lower --lr, a longer --warmup_iters or --grad_clip=1.")
-
-    def count_targets() -> float:
-        """Target tokens since the last call, over all ranks (a collective at log/eval/save points)."""
-        if ctx.ddp:
-            dist.all_reduce(targets_sum)
-        n = float(targets_sum)
-        targets_sum.zero_()
-        return n
-
-    def evaluate_and_log(step: int) -> None:
-        check_loss(step)
-        pause = time.perf_counter()
-        new_targets = count_targets()
-        progress.tokens_seen += int(new_targets)
-        window["targets"] += new_targets
-        results = objective.evaluate(models.train)
-        metrics.update(results)
-        record = {"step": step, **results, "tokens_seen": progress.tokens_seen,
-                  "train_seconds": round(progress.train_seconds + pause - window["start"], 3)}
-        message = f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float))
-        sample = getattr(objective, "sample", None)
-        if sample is not None and cfg.sample_tokens > 0 and (ctx.master or ctx.fsdp):
-            record["sample"] = sample(models.raw)  # FSDP: every rank runs the forwards
-            if record["sample"] is not None:
-                message += f"\n--- sample ---\n{record['sample']}\n--------------"
-        if ctx.master:
-            tqdm.write(message)
-        logger.log(record)
-        window["start"] += time.perf_counter() - pause  # evaluation time is not training time
-
+    tally = Tally(ctx)
     start_step = progress.step
+
     bar = logger.bar(start_step, last_step + 1)
     for step in bar:
         lr = stepper.start(step)
         is_last = step == last_step
         if step % cfg.eval_interval == 0:
-            evaluate_and_log(step)
+            tally.check_finite(step, checkpointer.latest)  # never evaluate or sample a NaN model
+            with tally.paused():
+                progress.tokens_seen += tally.take_targets()
+                evaluate_and_log(step, objective, models, cfg, ctx, logger,
+                                 replace(progress, train_seconds=progress.train_seconds + tally.elapsed()), metrics)
 
+        # one optimizer step: grad_accum micro-steps, gradients synced on the last one only
         for micro in range(cfg.grad_accum):
             batch = train_loader.next_batch()
             with stepper.micro(micro):
-                loss, n_targets, extra = objective.loss(models.train, batch, step * cfg.grad_accum + micro)
+                loss, n_targets, extras = objective.loss(models.train, batch, step * cfg.grad_accum + micro)
             stepper.backward(loss)
-            bad_loss |= ~torch.isfinite(loss.detach())
-            loss_sum += loss.detach() / cfg.grad_accum
-            targets_sum += n_targets
-            for key, value in extra.items():
-                extra_sums[key] = extra_sums.get(key, 0.0) + (value.detach() if torch.is_tensor(value) else value)
+            tally.add(loss, n_targets, extras, cfg.grad_accum)
         stepper.finish()
-        window["steps"] += 1
+        tally.steps += 1
 
         if step % cfg.log_interval == 0 or is_last:
-            check_loss(step)
-            if ctx.ddp:  # (gloo has no AVG)
-                dist.all_reduce(loss_sum)
-            new_targets = count_targets()
-            progress.tokens_seen += int(new_targets)
-            window["targets"] += new_targets
-            train_loss = (loss_sum / window["steps"] / ctx.world_size).item()
-            extras = {k: float(v) / (window["steps"] * cfg.grad_accum) for k, v in extra_sums.items()}
-            elapsed = time.perf_counter() - window["start"]
-            progress.train_seconds += elapsed
-            tok_s = window["targets"] / max(elapsed, 1e-9)
+            tally.check_finite(step, checkpointer.latest)
+            progress.tokens_seen += tally.take_targets()
+            window = tally.close_window(cfg.grad_accum)
+            progress.train_seconds += window["seconds"]
+            tok_s = window["tokens_per_second"]
             mfu = flops_per_token * tok_s / (peak * ctx.world_size) if peak else None
-            loss_sum.zero_()
-            extra_sums.clear()
-            window.update(steps=0, targets=0.0, start=time.perf_counter())
-            metrics.update(train_loss=train_loss, tokens_per_second=tok_s, mfu=mfu, **extras)
-            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}", refresh=False,
+            metrics.update(train_loss=window["train_loss"], tokens_per_second=tok_s, mfu=mfu, **window["extras"])
+            bar.set_postfix(loss=f"{window['train_loss']:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}", refresh=False,
                             **({"mfu": f"{100 * mfu:.1f}%"} if mfu else {}))
-            logger.log({"step": step, "train_loss": train_loss, **extras, "lr": lr, "tokens_seen": progress.tokens_seen,
-                        "train_seconds": round(progress.train_seconds, 3), "tokens_per_second": tok_s,
-                        **({"mfu": mfu} if mfu else {})})
+            logger.log({"step": step, "train_loss": window["train_loss"], **window["extras"], "lr": lr,
+                        "tokens_seen": progress.tokens_seen, "train_seconds": round(progress.train_seconds, 3),
+                        "tokens_per_second": tok_s, **({"mfu": mfu} if mfu else {})})
 
         if is_last:  # the final model's numbers, measured after its last update
-            evaluate_and_log(step + 1)
+            tally.check_finite(step, checkpointer.latest)
+            with tally.paused():
+                evaluate_and_log(step + 1, objective, models, cfg, ctx, logger, progress, metrics)
         if (step > start_step and step % cfg.checkpoint_interval == 0) or is_last:
-            check_loss(step)
-            new_targets = count_targets()
-            progress.tokens_seen += int(new_targets)
-            window["targets"] += new_targets
+            tally.check_finite(step, checkpointer.latest)
+            progress.tokens_seen += tally.take_targets()
             checkpointer.save(step, train_loader, progress, metrics)
     bar.close()
     logger.close()

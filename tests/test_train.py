@@ -175,6 +175,24 @@ class ExplodingObjective:
         return "a sample"
 
 
+def test_torchs_disk_full_message_becomes_a_clear_error(tmp_path, monkeypatch):
+    """torch.save on a full disk raises an opaque RuntimeError; the checkpoint says what happened."""
+    model = Transformer(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=8))
+    save_checkpoint(tmp_path, 1, model, {"model": model.cfg.to_dict()})
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match="the disk is full while writing .* MiB free.*step 2 was not saved"):
+        save_checkpoint(tmp_path, 2, model, {"model": model.cfg.to_dict()})
+    assert checkpoint.resolve(tmp_path).name == "ckpt_0000001" and not list(tmp_path.glob(".tmp-*"))
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("some bug")))
+    with pytest.raises(RuntimeError, match="some bug"):  # not an I/O failure: a bug keeps its own error
+        save_checkpoint(tmp_path, 3, model, {"model": model.cfg.to_dict()})
+
+
 def test_nan_loss_stops_with_the_last_good_checkpoint(data_dir, tmp_path):
     cfg = TrainConfig(max_iters=20, batch_size=2, checkpoint_interval=2, log_interval=1, eval_interval=100,
                       eval_iters=1, device="cpu")
@@ -522,3 +540,56 @@ def test_wandb_offline_logs_the_run(data_dir, tmp_path, monkeypatch):
     theirs = {(row["_step"], k): v for row in history for k, v in row.items() if k in ("train_loss", "val_loss")}
     assert len(ours) == 6 and theirs.keys() == ours.keys()  # 3 train rows, evals at steps 0, 2 and 3
     assert all(theirs[key] == pytest.approx(ours[key]) for key in ours)
+
+
+FSDP_WITH_HEAD = """
+import sys, torch
+import torch.nn.functional as F
+sys.path.insert(0, {root!r})
+from nanofm.data import TokenLoader
+from nanofm.model import ModelConfig, Transformer
+from nanofm.train import Run, TrainConfig, setup, teardown, train, wrap_model
+
+class WithValueHead(Transformer):  # a policy with a value head, as PPO builds it
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.value_head = torch.nn.Linear(cfg.n_embd, 1)
+
+    def forward(self, idx, targets):
+        h = self.hidden_states(idx)
+        loss = F.cross_entropy(self.lm_head(h).flatten(0, 1), targets.flatten())
+        return loss, self.value_head(h).pow(2).mean()
+
+class Objective:
+    def loss(self, model, batch, step):
+        x, y = batch
+        loss, value = model(x, y)
+        return loss + value, y.numel(), {{"value_loss": value}}
+    def evaluate(self, model):
+        return {{}}
+
+cfg = TrainConfig(max_iters=3, batch_size=2, grad_accum={accum}, eval_interval=100, log_interval=1, device="cpu",
+                  fsdp={fsdp})
+ctx = setup(cfg)
+models = wrap_model(WithValueHead(ModelConfig(vocab_size=576, n_layer=2, n_head=2, n_embd=16, block_size=16)), cfg, ctx)
+train(cfg, ctx, models, Objective(), TokenLoader({data!r}, "train", 2, 16, ctx.rank, ctx.world_size), Run({out!r}, {{}}))
+teardown(ctx)
+"""
+
+
+def test_fsdp_shards_a_model_with_an_extra_head(data_dir, tmp_path):
+    """Two FSDP processes train a Transformer with an extra value head like one process with the
+    same total batch (grad_accum 2): the head is sharded with the root and saved whole."""
+    results = {}
+    for name, fsdp, procs in (("one", False, 1), ("two", True, 2)):
+        script = tmp_path / f"{name}.py"
+        script.write_text(FSDP_WITH_HEAD.format(root=str(ROOT), fsdp=fsdp, accum=3 - procs, data=str(data_dir),
+                                                out=str(tmp_path / name)))
+        extra = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
+        done = subprocess.run([sys.executable, *extra, str(script)], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[name] = weights(tmp_path / name)
+    a, b = results["one"], results["two"]
+    assert "value_head.weight" in b and set(a) == set(b)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
