@@ -20,7 +20,8 @@ Design decisions:
   W*B rows of T+1 tokens. Its whole state is (shard, position, epoch), the same on every rank,
   so it goes into checkpoints and a resumed run continues exactly where it stopped.
 - Every shard is checked when opened: wrong magic, unknown version or dtype, or fewer bytes than
-  the header promises are errors that name the file.
+  the header promises are errors that name the file; check_token_ids finds ids beyond the
+  tokenizer's vocabulary (a corrupt shard, or another tokenizer's) before training starts.
 """
 
 from __future__ import annotations

@@ -22,6 +22,10 @@ Design decisions:
 - Streaming yields text deltas that are safe to show: never half a UTF-8 character (bytes that
   do not yet decode are held back) and never the start of a stop string that may still complete.
 - Padding rows of the model's vocabulary (ids the tokenizer does not have) are never sampled.
+- Forward passes run under autocast in the engine's dtype: bf16 on CUDA by default, fp32 on CPU,
+  or what the caller passes (training hands in its --dtype, so samples match training).
+- Token log-probabilities, for sampling and for scoring, come from model.token_logprobs, the
+  same differentiable function SFT, DPO and PPO use.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
     cfg = ModelConfig.preset("tiny", vocab_size=8192)
     model = Transformer(cfg)
     logits, loss = model(idx, targets)                  # idx [B, T] token ids
+    token_logprobs(logits, targets)                     # log p(target) per position, differentiable
     out = model.generate(prompt, max_new_tokens=50, temperature=0.8, top_k=50)
     python -m nanofm.model --preset gpt2                # parameters and FLOPs of a preset
     python -m nanofm.sizing --budget_gpu_hours 100      # a shape and token count for a budget
@@ -27,6 +28,9 @@ Design decisions:
 - The KV cache holds keys/values per layer for the positions seen so far; generation with it
   must give exactly the tokens of the naive path that recomputes the whole sequence (tested).
 - FLOPs per token = 6N + 12 L H Q T (PaLM, appendix B), N without the embedding lookup tables.
+- token_logprobs(logits, targets) is the one log-probability computation: evaluation scores,
+  the engine's token log-probabilities, and the policies of SFT, DPO and PPO all use it. The
+  training loss stays F.cross_entropy (or the fused kernel on CUDA), its mean over the same values.
 """
 
 from __future__ import annotations

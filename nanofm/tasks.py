@@ -25,6 +25,9 @@ Design decisions:
   probability gaps for pronouns, and, for classifiers, how often the prediction flips.
 - Explanations: gradient x input on the token embeddings, and occlusion (each token replaced by
   the pad token), for a classifier's predicted class or a language model's next token.
+- A chat-tuned checkpoint (meta.json's chat_format) is asked the chat questions in its chat
+  format (prompt_ids); a base model keeps the plain-text "User: ...\nBot:" prompts. Which tasks
+  fit which checkpoint, and the report, live in nanofm/evaluate.py.
 """
 
 from __future__ import annotations

@@ -549,6 +549,14 @@ def evaluate_nll(model, nll_sum, make_loader, iters: int, ctx: Context, token_by
 
 # ------------------------------------------------------------------ the loop
 
+def model_flops_per_token(model: torch.nn.Module) -> float:
+    """Training FLOPs per token of the Transformer inside `model` (itself, or a wrapper that adds
+    heads or adapters around one); the extra heads' FLOPs are negligible and left out."""
+    from nanofm.model import Transformer
+
+    return next((m.flops_per_token() for m in model.modules() if isinstance(m, Transformer)), 0.0)
+
+
 class Tally:
     """What the loop accumulates between two log lines: on the device (no host sync per step) the
     loss, the NaN flag, the target-token count and the objective's metrics; on the host the log
@@ -643,7 +651,7 @@ def _loop(cfg, ctx, models, objective, train_loader, run, optimizer) -> dict:
     seed_everything(cfg.seed + ctx.rank)  # from here on each rank draws its own dropout masks
     progress = checkpointer.restore(train_loader) if run.resume_from is not None else Progress()
     logger = Logger(run.out_dir, cfg, ctx, run.meta, resumed_at=progress.step - 1 if run.resume_from else None)
-    flops_per_token, peak = models.raw.flops_per_token(), gpu_peak_flops(ctx.device)
+    flops_per_token, peak = model_flops_per_token(models.raw), gpu_peak_flops(ctx.device)
     last_step = cfg.max_iters - 1 if cfg.stop_step < 0 else min(cfg.stop_step, cfg.max_iters - 1)
     metrics: dict = {}
     tally = Tally(ctx)
@@ -676,7 +684,7 @@ def _loop(cfg, ctx, models, objective, train_loader, run, optimizer) -> dict:
             window = tally.close_window(cfg.grad_accum)
             progress.train_seconds += window["seconds"]
             tok_s = window["tokens_per_second"]
-            mfu = flops_per_token * tok_s / (peak * ctx.world_size) if peak else None
+            mfu = flops_per_token * tok_s / (peak * ctx.world_size) if peak and flops_per_token else None
             metrics.update(train_loss=window["train_loss"], tokens_per_second=tok_s, mfu=mfu, **window["extras"])
             bar.set_postfix(loss=f"{window['train_loss']:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}", refresh=False,
                             **({"mfu": f"{100 * mfu:.1f}%"} if mfu else {}))

@@ -550,14 +550,15 @@ from nanofm.data import TokenLoader
 from nanofm.model import ModelConfig, Transformer
 from nanofm.train import Run, TrainConfig, setup, teardown, train, wrap_model
 
-class WithValueHead(Transformer):  # a policy with a value head, as PPO builds it
+class PolicyWithValue(torch.nn.Module):  # a policy with a value head, as PPO builds it: a wrapper
     def __init__(self, cfg):
-        super().__init__(cfg)
+        super().__init__()
+        self.policy = Transformer(cfg)
         self.value_head = torch.nn.Linear(cfg.n_embd, 1)
 
     def forward(self, idx, targets):
-        h = self.hidden_states(idx)
-        loss = F.cross_entropy(self.lm_head(h).flatten(0, 1), targets.flatten())
+        h = self.policy.hidden_states(idx)
+        loss = F.cross_entropy(self.policy.lm_head(h).flatten(0, 1), targets.flatten())
         return loss, self.value_head(h).pow(2).mean()
 
 class Objective:
@@ -571,15 +572,16 @@ class Objective:
 cfg = TrainConfig(max_iters=3, batch_size=2, grad_accum={accum}, eval_interval=100, log_interval=1, device="cpu",
                   fsdp={fsdp})
 ctx = setup(cfg)
-models = wrap_model(WithValueHead(ModelConfig(vocab_size=576, n_layer=2, n_head=2, n_embd=16, block_size=16)), cfg, ctx)
+models = wrap_model(PolicyWithValue(ModelConfig(vocab_size=576, n_layer=2, n_head=2, n_embd=16, block_size=16)), cfg, ctx)
 train(cfg, ctx, models, Objective(), TokenLoader({data!r}, "train", 2, 16, ctx.rank, ctx.world_size), Run({out!r}, {{}}))
 teardown(ctx)
 """
 
 
 def test_fsdp_shards_a_model_with_an_extra_head(data_dir, tmp_path):
-    """Two FSDP processes train a Transformer with an extra value head like one process with the
-    same total batch (grad_accum 2): the head is sharded with the root and saved whole."""
+    """Two FSDP processes train a policy wrapped with a value head like one process with the same
+    total batch (grad_accum 2): the blocks are found inside the wrapper, the head is sharded with
+    the root, and the checkpoint holds both whole."""
     results = {}
     for name, fsdp, procs in (("one", False, 1), ("two", True, 2)):
         script = tmp_path / f"{name}.py"
@@ -591,5 +593,5 @@ def test_fsdp_shards_a_model_with_an_extra_head(data_dir, tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         results[name] = weights(tmp_path / name)
     a, b = results["one"], results["two"]
-    assert "value_head.weight" in b and set(a) == set(b)
+    assert "value_head.weight" in b and "policy.transformer.h.1.attn.c_attn.weight" in b and set(a) == set(b)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
