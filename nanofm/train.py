@@ -453,6 +453,7 @@ class Logger:
         self.title = meta.get("stage", "")
         if not self.enabled:
             return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         if resumed_at is not None and self.path.exists():  # rows after the checkpoint were not part of this history
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resumed_at]
             from nanofm.common import atomic_write_text

@@ -595,3 +595,43 @@ def test_fsdp_shards_a_model_with_an_extra_head(data_dir, tmp_path):
     a, b = results["one"], results["two"]
     assert "value_head.weight" in b and "policy.transformer.h.1.attn.c_attn.weight" in b and set(a) == set(b)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_the_pieces_serve_a_loop_of_its_own(data_dir, tmp_path):
+    """An RL-style loop outside train(): OptimizerStep (schedule, accumulation, clipping),
+    Checkpointer (save, then an exact restore), Logger (metrics.jsonl). Two runs of 3 + 3 steps
+    through a restore equal one run of 6."""
+    from nanofm.train import Checkpointer, Logger, OptimizerStep, Progress
+
+    def run(out, steps, resume=False):
+        cfg = TrainConfig(max_iters=6, batch_size=2, grad_accum=2, warmup_iters=2, device="cpu", lr=3e-3)
+        ctx = setup(cfg)
+        models = wrap_model(Transformer(ModelConfig(vocab_size=576, n_layer=1, n_head=2, n_embd=16, block_size=16)), cfg, ctx)
+        optimizer = make_optimizer(models.raw, cfg, ctx)
+        loader = TokenLoader(data_dir, "train", 2, 16)
+        the_run = Run(out, {"model": models.raw.cfg.to_dict()}, resume_from=checkpoint.resolve(out) if resume else None)
+        keeper = Checkpointer(the_run, cfg, ctx, models.raw, optimizer)
+        progress = keeper.restore(loader) if resume else Progress()
+        if resume:
+            load = torch.load(checkpoint.resolve(out) / "model.pt", weights_only=True)
+            models.raw.load_state_dict(load)
+        logger = Logger(out, cfg, ctx, {}, resumed_at=progress.step - 1 if resume else None)
+        stepper = OptimizerStep(cfg, ctx, models, optimizer)
+        for step in range(progress.step, progress.step + steps):
+            lr = stepper.start(step)
+            for micro in range(cfg.grad_accum):
+                with stepper.micro(micro):
+                    _, loss = models.train(*loader.next_batch())
+                stepper.backward(loss)
+            stepper.finish()
+            progress.tokens_seen += 2 * 2 * 16
+            logger.log({"step": step, "train_loss": float(loss), "lr": lr})
+        keeper.save(step, loader, progress, {"train_loss": float(loss)})
+        return weights(out)
+
+    run(tmp_path / "split", 3)
+    split = run(tmp_path / "split", 3, resume=True)
+    straight = run(tmp_path / "straight", 6)
+    assert all(torch.equal(split[k], straight[k]) for k in split)
+    assert [r["step"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl")] == list(range(6))
+    assert checkpoint.read_meta(tmp_path / "split")["tokens_seen"] == 6 * 64
