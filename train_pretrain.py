@@ -76,7 +76,7 @@ class PretrainConfig(TrainConfig):
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.replay_ratio > 0 and round(self.replay_ratio * self.batch_size) in (0, self.batch_size):
             raise ConfigError(f"--replay_ratio {self.replay_ratio} x --batch_size {self.batch_size} must leave at least "
-                             f"one row for each of the new and the replayed data")
+                              f"one row for each of the new and the replayed data")
 
 
 def ensure_data(cfg: PretrainConfig, master: bool) -> None:

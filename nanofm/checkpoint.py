@@ -47,8 +47,7 @@ from nanofm import __version__
 from nanofm.common import NanofmError, atomic_write_text, disk_error
 from nanofm.model import ModelConfig, Transformer
 
-FORMAT_VERSION = 1
-STAGES = ("pretrain", "sft", "rlhf", "imported")
+FORMAT_VERSION = 1  # stages so far: pretrain, sft, rlhf, imported
 
 
 class CheckpointError(NanofmError, ValueError):

@@ -26,11 +26,9 @@ converted models give the same logits as ours (fp32, 1e-4) on randomly initialis
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 

@@ -124,7 +124,7 @@ class Engine:
             raise ConfigError("empty prompt: give at least one token")
         if len(ids) >= self.model.cfg.block_size:
             raise ConfigError(f"the prompt is {len(ids)} tokens, but the context is {self.model.cfg.block_size}: "
-                             f"shorten it to at most {self.model.cfg.block_size - 1}")
+                              f"shorten it to at most {self.model.cfg.block_size - 1}")
         return ids
 
     # ---------------------------------------------------------- generation
