@@ -201,15 +201,43 @@ def _torch_load(file: Path, what: str) -> dict:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
-    """The model of a checkpoint and its meta.json."""
+    """The model of a checkpoint and its meta.json. An adapter checkpoint (meta.json's `adapters`)
+    is loaded onto its base checkpoint, checked to be the base it was trained on, and merged."""
     ckpt = resolve(path)
     meta = read_meta(ckpt)
     try:
         model = Transformer(ModelConfig(**meta["model"]))
     except TypeError as exc:
         raise CheckpointError(f"{ckpt}/meta.json has a model section this nanofm cannot build ({exc})") from None
-    load_weights(model, _torch_load(ckpt / "model.pt", "model weights"), ckpt)
+    state = _torch_load(ckpt / "model.pt", "model weights")
+    if meta.get("adapters"):
+        _load_adapters(model, state, meta["adapters"], ckpt)
+    else:
+        load_weights(model, state, ckpt)
     return model.to(device), meta
+
+
+def _load_adapters(model: Transformer, trained: dict, adapters: dict, ckpt: Path) -> None:
+    """Base weights from the base checkpoint, then the adapters and any trained head, then merge."""
+    from nanofm import lora
+
+    base_path = Path(adapters["base"])
+    if not base_path.exists():
+        raise CheckpointError(f"{ckpt} holds LoRA adapters for the base checkpoint {base_path}, which is missing; "
+                              f"restore it, or use a merged checkpoint (train_sft.py --lora_merge)")
+    base = _torch_load(resolve(base_path) / "model.pt", "model weights")
+    if lora.fingerprint(base) != adapters["base_fingerprint"]:
+        raise CheckpointError(f"{ckpt} holds adapters trained on another base than {base_path} (its weights differ); "
+                              f"load them onto the checkpoint they were trained on")
+    missing = [k for k in model.state_dict() if k not in base and k not in trained]
+    if missing:
+        raise CheckpointError(f"{ckpt} and its base {base_path} lack {missing[:3]} for this model")
+    model.load_state_dict({k: v for k, v in base.items() if k in model.state_dict()}, strict=False)
+    lora.apply(model, lora.LoRAConfig(**adapters["config"]))
+    load_weights(model, {**model.state_dict(), **trained}, ckpt)
+    lora.merge(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
 
 
 def load_state(path: str | Path) -> dict:
