@@ -274,3 +274,84 @@ class MixedLoader:
             raise ShardError("the checkpoint's data position has no replay part: resume with the same --replay_ratio")
         self.new.load_state_dict(state["new"])
         self.old.load_state_dict(state["old"])
+
+
+class ChatLoader:
+    """Chat SFT batches (x, y) from conversations rendered with the chat format: y is x shifted by
+    one, -100 (no loss) everywhere but the assistant's tokens and its end-of-turn, and on the
+    padding. Rows are padded on the right with the tokenizer's pad token, never eos (a model
+    trained to predict eos after every reply's padding would stop anywhere, or never).
+
+        loader = ChatLoader(items, tokenizer, batch_size=16, max_len=256, rank=0, world_size=1)
+        x, y = loader.next_batch()      # [B, T] with T the longest row of this batch
+        loader.truncated                # conversations cut to max_len (counted, reported)
+
+    The order is a seeded shuffle per epoch with rows of similar length grouped into one step (less
+    padding); the state (epoch, position) goes into checkpoints,
+    so a resumed run sees the same batches. With world_size W, rank r takes rows r*B..r*B+B-1 of
+    every W*B, like TokenLoader.
+    """
+
+    def __init__(self, items: list[dict], tokenizer, batch_size: int, max_len: int, rank: int = 0, world_size: int = 1,
+                 device: str = "cpu", seed: int = 0):
+        from nanofm import chat
+
+        if not items:
+            raise ShardError("no conversations to train on")
+        if len(items) < batch_size * world_size:
+            raise ShardError(f"{len(items)} conversations are fewer than one step's {batch_size * world_size} rows; "
+                             f"lower --batch_size")
+        self.rows, self.truncated = [], 0
+        for item in items:
+            ids, mask = chat.render(tokenizer, item["messages"])
+            if len(ids) > max_len + 1:
+                ids, mask = ids[:max_len + 1], mask[:max_len + 1]
+                self.truncated += 1
+            self.rows.append((ids, mask))
+        if not any(sum(mask[1:]) for _, mask in self.rows):
+            raise ShardError(f"no assistant token survives truncation to {max_len} tokens; raise --seq_len")
+        self.pad_id, self.batch_size, self.rank, self.world_size = tokenizer.pad_id, batch_size, rank, world_size
+        self.device, self.seed = device, seed
+        self.epoch, self.position = 0, 0
+        self.order = self._order()
+
+    def _order(self) -> list[int]:
+        """A seeded shuffle, then rows of similar length grouped into the same step (within windows
+        of 64 steps, whose order is shuffled again): much less padding, still a random order."""
+        rng = random.Random(f"{self.seed}:{self.epoch}")
+        order = list(range(len(self.rows)))
+        rng.shuffle(order)
+        step_rows = self.batch_size * self.world_size
+        window = step_rows * 64
+        steps = []
+        for start in range(0, len(order) - step_rows + 1, window):
+            chunk = sorted(order[start:start + window], key=lambda i: len(self.rows[i][0]))
+            steps += [chunk[i:i + step_rows] for i in range(0, len(chunk) - step_rows + 1, step_rows)]
+        rng.shuffle(steps)
+        return [i for step in steps for i in step]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "rows": len(self.rows), "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("rows") != len(self.rows):
+            raise ShardError(f"the loader state was saved for {state.get('rows')} conversations, but there are "
+                             f"{len(self.rows)} now; resume on the same data")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.order = self._order()
+
+    def next_batch(self):
+        import torch
+
+        step_rows = self.batch_size * self.world_size
+        if self.position + step_rows > len(self.order):  # a new epoch, newly shuffled (the tail is skipped)
+            self.epoch, self.position = self.epoch + 1, 0
+            self.order = self._order()
+        start = self.position + self.rank * self.batch_size
+        chosen = [self.rows[i] for i in self.order[start:start + self.batch_size]]
+        self.position += step_rows
+        x, _ = pad_batch([ids[:-1] for ids, _ in chosen], value=self.pad_id)
+        y, _ = pad_batch([[t if m else -100 for t, m in zip(ids[1:], mask[1:])] for ids, mask in chosen], value=-100)
+        if self.device != "cpu":
+            x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x, y

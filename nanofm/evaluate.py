@@ -134,6 +134,18 @@ def _generation(s: Subject, cfg: Settings, done: dict) -> dict:
                                  chat_format=s.chat_format)
 
 
+def _instructions(s: Subject, cfg: Settings, done: dict) -> dict:
+    from nanofm import instructions
+    data_dir = cfg.data_dir or s.meta.get("data_dir")
+    if not data_dir:
+        raise tasks.TaskError(f"{s.path or s.name} does not say which data it was trained on; give --data_dir")
+    try:
+        items = instructions.builtin(data_dir, "val", per_family=max(1, min(cfg.max_items // 4, 100)), seed=cfg.seed)
+    except instructions.InstructionError as exc:
+        raise tasks.TaskError(str(exc)) from None
+    return tasks.instruction_task(s.engine, items, s.chat_format, progress=cfg.progress)
+
+
 def _classification(s: Subject, cfg: Settings, done: dict) -> dict:
     report = tasks.classification_task(s.model, s.tokenizer, s.classification_items(cfg), s.labels)
     if cfg.plot_dir is not None:
@@ -177,6 +189,7 @@ TASKS = {t.name: t for t in [
     Task("lambada", frozenset({"lm"}), _lambada),
     Task("generation", frozenset({"lm"}), _generation),
     Task("hellaswag", frozenset({"lm"}), _hellaswag, ask_only=True),
+    Task("instructions", frozenset({"lm"}), _instructions),
     Task("classification", frozenset({"classifier"}), _classification),
     Task("robustness", frozenset({"lm", "classifier"}), _robustness),
     Task("fairness", frozenset({"lm", "classifier"}), _fairness),
@@ -264,6 +277,10 @@ def headline(task: str, result: dict) -> dict[str, float]:
         return {k: result[k] for k in ("exact_match", "bleu", "rouge1", "rouge2", "rougeL", "rougeLsum")}
     if task == "classification":
         return {k: result[k] for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted")}
+    if task == "instructions":
+        return {"mean_exact_match": result["mean_exact_match"],
+                **{f"exact_match[{f}]": v for f, v in result["exact_match"].items()},
+                **({"chat_bleu": result["chat_bleu"], "chat_rougeL": result["chat_rougeL"]} if "chat_bleu" in result else {})}
     if task == "robustness":
         return {**{f"drop[{k}]": v["drop"] for k, v in result.items()},
                 **{f"changed[{k}]": v["changed"] for k, v in result.items() if "changed" in v}}

@@ -125,6 +125,18 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
+def merged_state_dict(state: dict[str, torch.Tensor], cfg: LoRAConfig) -> dict[str, torch.Tensor]:
+    """A state dict with adapters, folded into plain weights (W + alpha / r B A), adapters removed."""
+    merged = {k: v for k, v in state.items() if not is_adapter(k)}
+    for key in state:
+        if key.endswith(".lora_A"):
+            layer = key[:-len(".lora_A")]
+            weight = merged[f"{layer}.weight"]
+            update = (state[f"{layer}.lora_B"].float() @ state[key].float()) * (cfg.alpha / cfg.rank)
+            merged[f"{layer}.weight"] = (weight.float() + update).to(weight.dtype)
+    return merged
+
+
 def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
     """sha256 of a model's base weights (adapters left out), in key order: which base an adapter fits."""
     digest = hashlib.sha256()

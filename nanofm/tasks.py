@@ -349,6 +349,54 @@ def generation_task(engine: Engine, items: Sequence[dict], max_tokens: int = 48,
                          for i, p in list(zip(items, predictions))[:5]]}
 
 
+# ------------------------------------------------------------------ instructions (SFT task families)
+
+def instruction_prompt(tokenizer: Tokenizer, messages: list[dict], chat_format: str | None) -> list[int]:
+    """The conversation up to the reply to write: in the chat format for a chat-tuned checkpoint,
+    else as the plain-text "User: ...\nBot:" lines a base model saw in pretraining."""
+    if chat_format:
+        if chat_format != chat.CHAT_FORMAT:
+            raise TaskError(f"unknown chat format {chat_format!r} (this nanofm knows {chat.CHAT_FORMAT})")
+        return chat.render_prompt(tokenizer, messages)
+    lines = [f"{'Bot' if m['role'] == 'assistant' else 'User'}: {m['content']}" for m in messages]
+    return tokenizer.encode("\n".join(lines) + "\nBot:", bos=True)
+
+
+def instruction_task(engine: Engine, items: Sequence[dict], chat_format: str | None = None, max_tokens: int = 48,
+                     progress: bool = False) -> dict:
+    """Greedy replies to the held-out questions of the SFT task families (nanofm/instructions.py):
+    exact match per checkable family and their mean over families; BLEU and ROUGE-L for chat."""
+    from nanofm import instructions
+
+    if not items:
+        raise TaskError("no held-out instruction items")
+    room = engine.model.cfg.block_size - max_tokens  # a prompt must leave room for the reply
+    prompts = [instruction_prompt(engine.tokenizer, item["messages"][:-1], chat_format) for item in items]
+    fits = [len(p) <= room for p in prompts]
+    items, prompts = [i for i, ok in zip(items, fits) if ok], [p for p, ok in zip(prompts, fits) if ok]
+    if not items:
+        raise TaskError(f"every held-out instruction is longer than the context allows ({room} tokens + the reply)")
+    # a base model's reply ends at the line's end; a chat model's at its end-of-turn token
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, stop=[] if chat_format else ["\n"])
+    outs = engine.generate(prompts, params, progress=progress)
+    by_family: dict[str, list] = defaultdict(list)
+    for item, out in zip(items, outs):
+        by_family[item["family"]].append((out.text.strip(), item["messages"][-1]["content"]))
+    result = {"exact_match": {}, "n": {}, "examples": {}, "too_long": fits.count(False)}
+    for family, pairs in sorted(by_family.items()):
+        result["n"][family] = len(pairs)
+        result["examples"][family] = [{"prediction": p, "answer": a} for p, a in pairs[:2]]
+        if family in instructions.CHECKABLE:
+            result["exact_match"][family] = sum(instructions.exact_match(p, a) for p, a in pairs) / len(pairs)
+        else:
+            predictions, answers = zip(*pairs)
+            result["chat_bleu"] = metrics.corpus_bleu(list(predictions), [list(answers)])["score"]
+            result["chat_rougeL"] = sum(metrics.rouge(a, p)["rougeL"]["fmeasure"] for p, a in pairs) / len(pairs)
+    scores = list(result["exact_match"].values())
+    result["mean_exact_match"] = sum(scores) / len(scores) if scores else None
+    return result
+
+
 # ------------------------------------------------------------------ classification
 
 def classifier_input(tokenizer: Tokenizer, text: str, block_size: int) -> list[int]:

@@ -56,7 +56,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -330,6 +330,7 @@ class Run:
     meta: dict  # the meta.json of every checkpoint (nanofm.checkpoint.make_meta)
     tokenizer_path: Path | None = None  # copied into every checkpoint
     resume_from: Path | None = None  # a checkpoint to continue exactly (optimizer, data position, RNG)
+    keep_weights: Callable[[dict], dict] | None = None  # what of the state dict a checkpoint keeps (LoRA: adapters)
 
     def __post_init__(self):
         self.out_dir = Path(self.out_dir)
@@ -404,6 +405,8 @@ class Checkpointer:
             model_state, optimizer_state = self.raw_model.state_dict(), self.optimizer.state_dict()
         if not ctx.master:
             return None
+        if self.run.keep_weights is not None:
+            model_state = self.run.keep_weights(model_state)
         state = {"optimizer": optimizer_state, "loader": loader.state_dict(), "rng": states, "step": step,
                  "tokens_seen": progress.tokens_seen, "train_seconds": progress.train_seconds}
         meta = {**self.run.meta, "tokens_seen": progress.tokens_seen, "metrics": metrics}

