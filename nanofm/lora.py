@@ -112,8 +112,10 @@ def is_adapter(name: str) -> bool:
     return name.endswith(("lora_A", "lora_B"))
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu() for k, v in model.state_dict().items() if is_adapter(k)}
+def adapter_state_dict(model: nn.Module | dict) -> dict[str, torch.Tensor]:
+    """The adapters alone, from a model or from its state dict."""
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    return {k: v.detach().cpu() for k, v in state.items() if is_adapter(k)}
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -171,7 +171,7 @@ def test_lora_sft_saves_small_adapters_that_load_and_merge(base, tmp_path):
     assert meta["adapters"]["base"] == str(base) and meta["adapters"]["config"]["rank"] == 4
     saved = torch.load(ckpt / "model.pt", weights_only=True)
     assert saved and all(k.endswith(("lora_A", "lora_B")) for k in saved)
-    assert (ckpt / "model.pt").stat().st_size < (base / "model.pt").stat().st_size / 20
+    assert (ckpt / "model.pt").stat().st_size < (base / "model.pt").stat().st_size / 10
     adapted, _ = checkpoint.load_model(ckpt)  # onto the base, merged
     sft(*args, "--out_dir", tmp_path / "merged", "--lora_merge")
     merged, merged_meta = checkpoint.load_model(tmp_path / "merged")
