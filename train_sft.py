@@ -68,11 +68,11 @@ class SFTConfig(TrainConfig):
     lora_targets: list[str] = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))  # layer names the adapters go on
     lora_merge: bool = False  # save merged weights (a plain checkpoint) instead of the adapters alone
     # the loop's defaults, for fine-tuning
-    max_iters: int = 600  # optimizer steps
+    max_iters: int = 1500  # optimizer steps (about 8 minutes of the tiny model on 2 CPU cores)
     batch_size: int = 32  # conversations per micro-step per process
-    lr: float = 1e-3  # peak learning rate (LoRA usually wants more: try 3e-3)
+    lr: float = 3e-3  # peak learning rate (1e-3 for 600 steps reached 0.18 mean exact match, this 0.33)
     warmup_iters: int = 20  # linear warmup steps
-    eval_interval: int = 100  # evaluate every N steps (and at the end)
+    eval_interval: int = 250  # evaluate every N steps (and at the end)
     eval_iters: int = 4  # held-out batches for the validation loss
     sample_tokens: int = 48  # tokens of the reply sampled at each evaluation
     weight_decay: float = 0.0  # AdamW weight decay (none by default when fine-tuning)

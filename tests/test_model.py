@@ -144,3 +144,36 @@ def test_mlm_masking_statistics():
     assert abs(masked - 0.8) < 0.015 and abs(kept - 0.1) < 0.015 and abs(randomised - 0.1) < 0.015
     assert torch.equal(inputs[~chosen], x[~chosen])  # unchosen tokens are untouched
     assert inputs[chosen & (inputs != 992)].max() < 990  # random tokens are regular tokens
+
+
+def test_a_bidirectional_model_learns_to_use_context_on_a_copy_task():
+    """Rows [w, w] (a random half, then the same half again): a masked token's only clue is its twin
+    in the other half, so masked-token accuracy above chance means the model reads its context.
+    It fails if attention cannot see both sides (a causal mask, a broken padding mask, ...)."""
+    from nanofm.data import mask_tokens
+    torch.manual_seed(0)
+    vocab, half, specials = 40, 8, [38, 39]  # 38 = <|mask|>
+    model = Transformer(ModelConfig(vocab_size=vocab, n_layer=2, n_head=2, n_embd=64, block_size=2 * half, causal=False))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+
+    def batch(n):
+        first = torch.randint(0, 38, (n, half), generator=generator)
+        return torch.cat([first, first], dim=1)
+
+    for _ in range(400):
+        x = batch(64)
+        inputs, targets = mask_tokens(x, vocab, 38, specials, 0.4, generator)
+        _, loss = model(inputs, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    x = batch(256)
+    inputs, targets = mask_tokens(x, vocab, 38, specials, 0.4, generator)
+    twin_visible = torch.roll(targets, half, dims=1) < 0  # the other copy was not chosen for prediction
+    chosen = (targets >= 0) & twin_visible
+    with torch.no_grad():
+        predicted = model(inputs)[0].argmax(-1)
+    accuracy = float((predicted[chosen] == targets[chosen]).float().mean())
+    assert accuracy > 0.9, accuracy  # chance is 1/38
