@@ -46,7 +46,10 @@ class PretrainConfig(TrainConfig):
     out_dir: str = "out/pretrain"  # checkpoints, metrics.jsonl, loss.png
     init_from: str = "scratch"  # scratch | resume (the latest checkpoint in out_dir) | a checkpoint directory
     seq_len: int = 0  # tokens per sequence; 0 = the model's context length
-    mask_prob: float = 0.15  # MLM: share of tokens chosen for prediction
+    # MLM: share of tokens chosen for prediction. 40%, not BERT's 15% (Wettig et al. 2022): at the default
+    # CPU budget 15% ends above the unigram entropy (7.40 vs 7.25 nats); 40% learns to use context
+    # (masked loss 6.64 vs 7.15 on prose under eval.py's fixed 15% masks)
+    mask_prob: float = 0.4
     replay_dir: str = ""  # continued pretraining: old data (same tokenizer) mixed into every batch
     replay_ratio: float = 0.0  # share of each batch's rows taken from --replay_dir, in [0, 1)
     eval_dirs: list[str] = field(default_factory=list)  # more data dirs whose val split is evaluated too (old domains)
