@@ -276,7 +276,43 @@ class MixedLoader:
         self.old.load_state_dict(state["old"])
 
 
-class ChatLoader:
+class RowLoader:
+    """What the row loaders share: a seeded shuffle of `self.rows` per epoch, each step's rows for
+    this rank (rank r of W takes rows r*B..r*B+B-1 of every W*B), and a resumable position."""
+
+    what = "rows"
+
+    def _init_rows(self, batch_size: int, rank: int, world_size: int, device: str, seed: int) -> None:
+        self.batch_size, self.rank, self.world_size, self.device, self.seed = batch_size, rank, world_size, device, seed
+        self.epoch, self.position = 0, 0
+        self.order = self._order()
+
+    def _order(self) -> list[int]:
+        order = list(range(len(self.rows)))
+        random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        return order
+
+    def _next_rows(self) -> list:
+        step_rows = self.batch_size * self.world_size
+        if self.position + step_rows > len(self.order):  # a new epoch, newly shuffled (the tail is skipped)
+            self.epoch, self.position = self.epoch + 1, 0
+            self.order = self._order()
+        start = self.position + self.rank * self.batch_size
+        self.position += step_rows
+        return [self.rows[i] for i in self.order[start:start + self.batch_size]]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "rows": len(self.rows), "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("rows") != len(self.rows):
+            raise ShardError(f"the loader state was saved for {state.get('rows')} {self.what}, but there are "
+                             f"{len(self.rows)} now; resume on the same data")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.order = self._order()
+
+
+class ChatLoader(RowLoader):
     """Chat SFT batches (x, y) from conversations rendered with the chat format: y is x shifted by
     one, -100 (no loss) everywhere but the assistant's tokens and its end-of-turn, and on the
     padding. Rows are padded on the right with the tokenizer's pad token, never eos (a model
@@ -310,10 +346,8 @@ class ChatLoader:
             self.rows.append((ids, mask))
         if not any(sum(mask[1:]) for _, mask in self.rows):
             raise ShardError(f"no assistant token survives truncation to {max_len} tokens; raise --seq_len")
-        self.pad_id, self.batch_size, self.rank, self.world_size = tokenizer.pad_id, batch_size, rank, world_size
-        self.device, self.seed = device, seed
-        self.epoch, self.position = 0, 0
-        self.order = self._order()
+        self.pad_id, self.what = tokenizer.pad_id, "conversations"
+        self._init_rows(batch_size, rank, world_size, device, seed)
 
     def _order(self) -> list[int]:
         """A seeded shuffle, then rows of similar length grouped into the same step (within windows
@@ -330,28 +364,38 @@ class ChatLoader:
         rng.shuffle(steps)
         return [i for step in steps for i in step]
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "rows": len(self.rows), "world_size": self.world_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("rows") != len(self.rows):
-            raise ShardError(f"the loader state was saved for {state.get('rows')} conversations, but there are "
-                             f"{len(self.rows)} now; resume on the same data")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self.order = self._order()
-
     def next_batch(self):
-        import torch
-
-        step_rows = self.batch_size * self.world_size
-        if self.position + step_rows > len(self.order):  # a new epoch, newly shuffled (the tail is skipped)
-            self.epoch, self.position = self.epoch + 1, 0
-            self.order = self._order()
-        start = self.position + self.rank * self.batch_size
-        chosen = [self.rows[i] for i in self.order[start:start + self.batch_size]]
-        self.position += step_rows
+        chosen = self._next_rows()
         x, _ = pad_batch([ids[:-1] for ids, _ in chosen], value=self.pad_id)
         y, _ = pad_batch([[t if m else -100 for t, m in zip(ids[1:], mask[1:])] for ids, mask in chosen], value=-100)
         if self.device != "cpu":
             x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x, y
+
+
+class ClassifyLoader(RowLoader):
+    """Classification batches (idx, mask, labels): bos + the text's first tokens up to max_len,
+    right-padded with the pad token; a seeded shuffle per epoch; resumable like ChatLoader."""
+
+    def __init__(self, items: list[dict], labels: list[str], tokenizer, batch_size: int, max_len: int, rank: int = 0,
+                 world_size: int = 1, device: str = "cpu", seed: int = 0):
+        if len(items) < batch_size * world_size:
+            raise ShardError(f"{len(items)} labelled texts are fewer than one step's {batch_size * world_size} rows")
+        index = {label: i for i, label in enumerate(labels)}
+        self.rows = [(tokenizer.encode(item["text"], bos=True)[:max_len], index[item["label"]]) for item in items]
+        self.pad_id, self.what = tokenizer.pad_id, "labelled texts"
+        self._init_rows(batch_size, rank, world_size, device, seed)
+
+    def class_counts(self, n_classes: int) -> list[int]:
+        counts = [0] * n_classes
+        for _, label in self.rows:
+            counts[label] += 1
+        return counts
+
+    def next_batch(self):
+        import torch
+
+        chosen = self._next_rows()
+        idx, mask = pad_batch([ids for ids, _ in chosen], value=self.pad_id)
+        y = torch.tensor([label for _, label in chosen])
+        return idx.to(self.device), mask.to(self.device), y.to(self.device)

@@ -88,6 +88,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     head_bias: bool = False  # a bias on the output head (BERT's MLM decoder has one)
     n_classes: int = 0  # > 0 adds a classification head (fine-tuned classifiers)
+    pool: str = "auto"  # what the classification head reads: auto (last real token if causal, first if not) | first | last | mean
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
 
@@ -102,7 +103,8 @@ class ModelConfig:
             problems.append("RoPE needs an even head size")
         for name, value, allowed in (("norm", self.norm, ("layernorm", "rmsnorm")), ("pos", self.pos, ("learned", "rope")),
                                      ("mlp", self.mlp, ("gelu", "gelu_exact", "swiglu")),
-                                     ("norm_position", self.norm_position, ("pre", "post"))):
+                                     ("norm_position", self.norm_position, ("pre", "post")),
+                                     ("pool", self.pool, ("auto", "first", "last", "mean"))):
             if value not in allowed:
                 problems.append(f"{name} must be one of {allowed}, got {value!r}")
         if problems:
@@ -359,9 +361,14 @@ class Transformer(nn.Module):
             cache.pos += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, attention_mask=None, cache: KVCache | None = None, positions=None):
+    def forward(self, idx, targets=None, attention_mask=None, cache: KVCache | None = None, positions=None,
+                head: str = "lm"):
         """Logits [B, T, V] and, given targets (-100 = ignore), the mean cross-entropy loss. With
-        targets on CUDA the fused kernel computes the loss and logits is None."""
+        targets on CUDA the fused kernel computes the loss and logits is None. head="classify"
+        returns (class logits [B, n_classes], None) instead: through forward, so DDP, FSDP and
+        torch.compile see a classifier's training step as the forward it is."""
+        if head == "classify":
+            return self.classify(idx, attention_mask), None
         h = self.hidden_states(idx, attention_mask, cache, positions)
         if not self.cfg.causal:
             h = self.mlm_transform(h)
@@ -377,17 +384,33 @@ class Transformer(nn.Module):
         return logits, loss
 
     def classify(self, idx, attention_mask=None):
-        """Class logits [B, n_classes] from the classification head. A causal model reads the last
-        real token (the only one that has seen the whole text); a bidirectional one the first."""
+        """Class logits [B, n_classes] from the classification head, reading (cfg.pool) the last real
+        token (a causal model's default: the only one that has seen the whole text), the first (a
+        bidirectional model's, BERT's [CLS] place) or the mean of the real tokens. Padding may be on
+        either side: positions come from the mask, not from the row's length."""
         if not self.cfg.n_classes:
             raise ConfigError("this model has no classification head (n_classes is 0)")
-        h = self.hidden_states(idx, attention_mask)
-        if self.cfg.causal:
-            last = (attention_mask.sum(dim=1) - 1) if attention_mask is not None else torch.full_like(idx[:, 0], idx.size(1) - 1)
-            pooled = h[torch.arange(idx.size(0), device=idx.device), last.long()]
+        mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(idx, dtype=torch.bool)
+        positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # each row counts from its first real token
+        h = self.hidden_states(idx, attention_mask, positions=positions)
+        pool = self.cfg.pool if self.cfg.pool != "auto" else ("last" if self.cfg.causal else "first")
+        rows = torch.arange(idx.size(0), device=idx.device)
+        if pool == "mean":
+            pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        elif pool == "last":
+            pooled = h[rows, mask.size(1) - 1 - mask.flip(1).long().argmax(1)]
         else:
-            pooled = h[:, 0]
+            pooled = h[rows, mask.long().argmax(1)]
         return self.cls_head(pooled)
+
+    def with_classifier(self, n_classes: int, pool: str = "auto") -> "Transformer":
+        """A copy with a new classification head of n_classes (initialised like the other
+        layers), every other weight kept: how a pretrained body becomes a classifier."""
+        model = Transformer(replace(self.cfg, n_classes=n_classes, pool=pool))
+        state = model.state_dict()
+        state.update({k: v for k, v in self.state_dict().items() if not k.startswith("cls_head")})
+        model.load_state_dict(state)
+        return model
 
     # ---------------------------------------------------------- generation
 

