@@ -35,15 +35,16 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from nanofm import chat, instructions, lora  # noqa: E402
+from nanofm import chat, instructions, labels, lora, metrics, tasks  # noqa: E402
 from nanofm.checkpoint import CheckpointError, load_for_training, load_weights, make_meta, read_meta, resolve  # noqa: E402
 from nanofm.common import ConfigError, run_cli  # noqa: E402
 from nanofm.config import config_to_dict, parse_config  # noqa: E402
-from nanofm.data import ChatLoader  # noqa: E402
+from nanofm.data import ChatLoader, ClassifyLoader  # noqa: E402
 from nanofm.engine import Engine, SamplingParams  # noqa: E402
 from nanofm.model import Transformer  # noqa: E402
 from nanofm.tokenizer import Tokenizer, TokenizerError  # noqa: E402
@@ -53,6 +54,7 @@ from nanofm.train import Run, TrainConfig, evaluate_nll, setup, teardown, train,
 @dataclass
 class SFTConfig(TrainConfig):
     """Fine-tune a checkpoint on conversations (chat SFT), fully or with LoRA adapters."""
+    task: str = "chat"  # chat (instruction tuning) | classify (a classification head)
     init_from: str = "out/pretrain"  # a checkpoint or run directory, a Hugging Face GPT-2/Llama directory, or resume
     out_dir: str = "out/sft"  # checkpoints, metrics.jsonl, loss.png
     data: list[str] = field(default_factory=list)  # user data, repeatable: PATH.jsonl, dolly:PATH, alpaca:PATH, smoltalk:PATH, hf:NAME
@@ -60,7 +62,12 @@ class SFTConfig(TrainConfig):
     per_family: int = 2000  # built-in training examples per task family
     families: list[str] = field(default_factory=lambda: list(instructions.FAMILIES))  # built-in task families to train on
     val_per_family: int = 8  # held-out questions per family generated at each evaluation (exact match)
-    seq_len: int = 256  # tokens per conversation; longer ones are cut (and counted)
+    seq_len: int = 256  # tokens per conversation (or text to classify); longer ones are cut (and counted)
+    # classification (--task=classify)
+    labels: str = "domain"  # domain | quality | sentiment, or FORMAT:PATH (csv, jsonl, sst2, imdb)
+    pool: str = "auto"  # what the head reads: auto (last real token if causal, first if bidirectional) | first | last | mean
+    freeze_body: bool = False  # train the head alone
+    class_weights: bool = True  # weigh each class by 1 / its frequency (imbalanced labels)
     # LoRA: 0 = full fine-tuning
     lora_rank: int = 0  # adapter rank; > 0 trains low-rank adapters only
     lora_alpha: float = 16.0  # adapter scale alpha / rank
@@ -80,6 +87,10 @@ class SFTConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.task not in ("chat", "classify"):
+            raise ConfigError(f"--task must be chat or classify, got {self.task!r}")
+        if self.pool not in ("auto", "first", "last", "mean"):
+            raise ConfigError(f"--pool must be auto, first, last or mean, got {self.pool!r}")
         if self.seq_len < 8:
             raise ConfigError(f"--seq_len must be at least 8, got {self.seq_len}")
         if not 1 <= self.per_family <= instructions.MAX_PER_FAMILY:
@@ -125,7 +136,7 @@ def load_start(cfg: SFTConfig) -> tuple[Transformer, Tokenizer, dict, str, Path 
         raise CheckpointError(f"{directory} has no tokenizer.json: fine-tuning needs the tokenizer the model was trained with")
     tokenizer = Tokenizer.load(directory)
     model, meta, parent = load_for_training(source, tokenizer)
-    if not model.cfg.causal:
+    if not model.cfg.causal and cfg.task == "chat":
         raise ConfigError(f"{parent} is a bidirectional (masked LM) model; chat SFT needs a causal one "
                           f"(classification fine-tuning takes either: --task=classify)")
     for name in ("<|user|>", "<|assistant|>", "<|end|>", "<|pad|>"):
@@ -190,6 +201,29 @@ class ChatSFT:
         return f"{question[-2]['content']}\n--> {reply.text}"
 
 
+class Classify:
+    """Cross-entropy of the class logits (optionally weighted by 1 / class frequency); evaluated as
+    accuracy and macro F1 on the held-out texts."""
+
+    def __init__(self, cfg: SFTConfig, ctx, tokenizer: Tokenizer, labels: list[str], held_out: list[dict],
+                 weights: torch.Tensor | None):
+        self.cfg, self.ctx, self.tokenizer, self.labels, self.held_out, self.weights = cfg, ctx, tokenizer, labels, held_out, weights
+
+    def loss(self, model, batch, step):
+        idx, mask, y = batch
+        logits, _ = model(idx, attention_mask=mask, head="classify")
+        return F.cross_entropy(logits.float(), y, weight=self.weights), y.numel(), {}
+
+    def evaluate(self, model) -> dict:
+        raw = getattr(model, "module", model)
+        raw = getattr(raw, "_orig_mod", raw)
+        probs = tasks.classify(raw, self.tokenizer, [item["text"] for item in self.held_out])
+        raw.train()
+        report = metrics.classification_report([item["label"] for item in self.held_out],
+                                               [self.labels[i] for i in probs.argmax(-1).tolist()])
+        return {"val_accuracy": report["accuracy"], "val_f1_macro": report["f1_macro"]}
+
+
 def exact_match(model, tokenizer: Tokenizer, items: list[dict], ctx=None) -> dict[str, float]:
     """Greedy replies in the chat format to the last user turn of each item; exact match per family."""
     engine = Engine(model, tokenizer, device=ctx.device if ctx else None, dtype=ctx.dtype if ctx else None)
@@ -212,23 +246,45 @@ def main(argv=None) -> dict:
     adapters = None
     if lora_config(cfg) and resume_from is None:
         base_fingerprint = lora.fingerprint(model.state_dict())
-        names = lora.apply(model, lora_config(cfg))
+        names = lora.apply(model, lora_config(cfg)) if cfg.task == "chat" else [
+            n for n, m in model.named_modules() if any(n.endswith("." + t) for t in cfg.lora_targets)]
         adapters = {"config": lora_config(cfg).to_dict(), "base": parent, "base_fingerprint": base_fingerprint,
                     "layers": len(names)}
     elif resume_from is not None:
         adapters = read_meta(resume_from).get("adapters")
-    train_items, held_out, data_dir = conversations(cfg, parent_meta)
-    train_loader = ChatLoader(train_items, tokenizer, cfg.batch_size, cfg.seq_len, ctx.rank, ctx.world_size, ctx.device,
-                              seed=cfg.seed)
+    data_dir = cfg.data_dir or parent_meta.get("data_dir") or str(ROOT / "data" / "default")
+    label_names = None
+    if cfg.task == "classify":
+        train_items, label_names = labels.load(cfg.labels, data_dir, "train", cfg.seed)
+        held_out, _ = labels.load(cfg.labels, data_dir, "test", cfg.seed)
+        if resume_from is None:  # a new head on the pretrained body (a resumed classifier already has it)
+            model = model.with_classifier(len(label_names), cfg.pool)
+            if lora_config(cfg):
+                lora.apply(model, lora_config(cfg))
+            if cfg.freeze_body:
+                for p in model.parameters():
+                    p.requires_grad_(False)
+            for p in model.cls_head.parameters():
+                p.requires_grad_(True)
+        train_loader = ClassifyLoader(train_items, label_names, tokenizer, cfg.batch_size, min(cfg.seq_len, model.cfg.block_size),
+                                      ctx.rank, ctx.world_size, ctx.device, seed=cfg.seed)
+        counts = torch.tensor(train_loader.class_counts(len(label_names)), dtype=torch.float)
+        weights = (counts.sum() / (len(counts) * counts)).to(ctx.device) if cfg.class_weights else None
+        objective = Classify(cfg, ctx, tokenizer, label_names, held_out[:1000], weights)
+    else:
+        train_items, held_out, data_dir = conversations(cfg, parent_meta)
+        train_loader = ChatLoader(train_items, tokenizer, cfg.batch_size, cfg.seq_len, ctx.rank, ctx.world_size,
+                                  ctx.device, seed=cfg.seed)
+        objective = ChatSFT(cfg, ctx, tokenizer, held_out)
     models = wrap_model(model, cfg, ctx)
-    objective = ChatSFT(cfg, ctx, tokenizer, held_out)
     trainable = sum(p.numel() for p in models.raw.parameters() if p.requires_grad)
     keep = None
-    if adapters and not cfg.lora_merge:  # the checkpoint holds the adapters alone, and names its base
-        keep = lora.adapter_state_dict
-    meta = make_meta(stage="sft", objective="chat", model=models.raw.cfg, config=config_to_dict(cfg),
+    if adapters and not cfg.lora_merge:  # the checkpoint holds the adapters alone (and a new head), and names its base
+        keep = partial(lora.adapter_state_dict, also=("cls_head.",))
+    meta = make_meta(stage="sft", objective=cfg.task, model=models.raw.cfg, config=config_to_dict(cfg),
                      tokenizer=tokenizer.name, data_dir=data_dir, parent=parent, parent_meta=parent_meta,
-                     chat_format=chat.CHAT_FORMAT, adapters=adapters if keep else None,
+                     chat_format=chat.CHAT_FORMAT if cfg.task == "chat" else None, adapters=adapters if keep else None,
+                     labels=label_names, label_task=cfg.labels if cfg.task == "classify" else None,
                      trainable_params=trainable, data=cfg.data or ["builtin"])
     if adapters and cfg.lora_merge:  # the checkpoint holds W + (alpha / r) B A: a plain model
         keep = partial(lora.merged_state_dict, cfg=lora_config(cfg))

@@ -98,6 +98,14 @@ class Subject:
         return labels
 
     def classification_items(self, settings: Settings) -> list[dict]:
+        if self.meta.get("label_task"):  # fine-tuned by train_sft.py: its own held-out texts
+            from nanofm import labels
+            data_dir = settings.data_dir or self.meta.get("data_dir")
+            try:
+                items, _ = labels.load(self.meta["label_task"], data_dir, "test", data_seed(self, settings))
+            except labels.LabelError as exc:
+                raise tasks.TaskError(str(exc)) from None
+            return items[:settings.max_items]
         return tasks.classification_items(self.docs(settings), self.labels, field=self.meta.get("label_field", "domain"),
                                           n=settings.max_items)
 
@@ -134,13 +142,19 @@ def _generation(s: Subject, cfg: Settings, done: dict) -> dict:
                                  chat_format=s.chat_format)
 
 
+def data_seed(s: Subject, cfg: Settings) -> int:
+    """The seed that split the checkpoint's fine-tuning data (its training config's), so the
+    held-out questions are the ones it never trained on; --seed for checkpoints without one."""
+    return s.meta.get("config", {}).get("seed", cfg.seed)
+
+
 def _instructions(s: Subject, cfg: Settings, done: dict) -> dict:
     from nanofm import instructions
     data_dir = cfg.data_dir or s.meta.get("data_dir")
     if not data_dir:
         raise tasks.TaskError(f"{s.path or s.name} does not say which data it was trained on; give --data_dir")
     try:
-        items = instructions.builtin(data_dir, "val", per_family=max(1, min(cfg.max_items // 4, 100)), seed=cfg.seed)
+        items = instructions.builtin(data_dir, "val", per_family=max(1, min(cfg.max_items // 4, 100)), seed=data_seed(s, cfg))
     except instructions.InstructionError as exc:
         raise tasks.TaskError(str(exc)) from None
     return tasks.instruction_task(s.engine, items, s.chat_format, progress=cfg.progress)

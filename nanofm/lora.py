@@ -112,10 +112,11 @@ def is_adapter(name: str) -> bool:
     return name.endswith(("lora_A", "lora_B"))
 
 
-def adapter_state_dict(model: nn.Module | dict) -> dict[str, torch.Tensor]:
-    """The adapters alone, from a model or from its state dict."""
+def adapter_state_dict(model: nn.Module | dict, also: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The adapters alone (and the weights whose names start with `also`, e.g. a new head), from a
+    model or from its state dict."""
     state = model.state_dict() if isinstance(model, nn.Module) else model
-    return {k: v.detach().cpu() for k, v in state.items() if is_adapter(k)}
+    return {k: v.detach().cpu() for k, v in state.items() if is_adapter(k) or k.startswith(also)}
 
 
 def merge(model: nn.Module) -> nn.Module:
