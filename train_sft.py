@@ -290,7 +290,8 @@ def main(argv=None) -> dict:
         keep = partial(lora.merged_state_dict, cfg=lora_config(cfg))
     if ctx.master:
         lora_note = f" (LoRA rank {cfg.lora_rank} on {adapters['layers']} layers)" if adapters and "layers" in adapters else ""
-        print(f"sft: {len(train_items):,} conversations ({train_loader.truncated} cut to {cfg.seq_len} tokens), "
+        print(f"sft: {len(train_items):,} {'texts' if cfg.task == 'classify' else 'conversations'} "
+              f"({train_loader.truncated} cut to {cfg.seq_len} tokens), "
               f"{len(held_out):,} held out; {trainable / 1e6:.2f}M of {models.raw.num_params(non_embedding=False) / 1e6:.2f}M "
               f"parameters trained{lora_note}; from {parent}")
     with tempfile.TemporaryDirectory() as scratch:  # the tokenizer every checkpoint gets a copy of

@@ -382,7 +382,9 @@ class ClassifyLoader(RowLoader):
         if len(items) < batch_size * world_size:
             raise ShardError(f"{len(items)} labelled texts are fewer than one step's {batch_size * world_size} rows")
         index = {label: i for i, label in enumerate(labels)}
-        self.rows = [(tokenizer.encode(item["text"], bos=True)[:max_len], index[item["label"]]) for item in items]
+        encoded = [(tokenizer.encode(item["text"], bos=True), index[item["label"]]) for item in items]
+        self.truncated = sum(len(ids) > max_len for ids, _ in encoded)  # read only up to the context: counted
+        self.rows = [(ids[:max_len], label) for ids, label in encoded]
         self.pad_id, self.what = tokenizer.pad_id, "labelled texts"
         self._init_rows(batch_size, rank, world_size, device, seed)
 

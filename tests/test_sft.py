@@ -209,3 +209,46 @@ def test_bad_input(base, tmp_path):
     with pytest.raises(instructions.InstructionError, match="no assistant turn"):
         sft("--init_from", base, "--out_dir", tmp_path / "o", "--data", bad, *COMMON)
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_labelled_data_formats_and_errors(tmp_path, corpus):
+    from nanofm import labels
+    rows = [("great film", "pos"), ("awful film", "neg")] * 20
+    with open(tmp_path / "mine.csv", "w") as f:
+        f.write("text,label\n" + "".join(f"{t} {i},{l}\n" for i, (t, l) in enumerate(rows)))
+    items, names = labels.load(f"csv:{tmp_path / 'mine.csv'}", corpus, "train")
+    assert names == ["neg", "pos"] and all(set(i) == {"text", "label"} for i in items)
+    test, _ = labels.load(f"csv:{tmp_path / 'mine.csv'}", corpus, "test")
+    assert {i["text"] for i in test}.isdisjoint({i["text"] for i in items})
+    (tmp_path / "sst2.jsonl").write_text("".join(json.dumps({"sentence": f"s {i}", "label": i % 2, "idx": i}) + "\n"
+                                                 for i in range(30)))
+    assert labels.load(f"sst2:{tmp_path / 'sst2.jsonl'}", corpus)[1] == ["negative", "positive"]
+    (tmp_path / "imdb.jsonl").write_text("".join(json.dumps({"text": f"review {i}", "label": i % 2}) + "\n" for i in range(30)))
+    assert labels.load(f"imdb:{tmp_path / 'imdb.jsonl'}", corpus)[1] == ["negative", "positive"]
+    (tmp_path / "one.jsonl").write_text("".join(json.dumps({"text": f"t {i}", "label": "same"}) + "\n" for i in range(30)))
+    with pytest.raises(labels.LabelError, match="at least two classes"):
+        labels.load(f"jsonl:{tmp_path / 'one.jsonl'}", corpus)
+    (tmp_path / "nolabel.jsonl").write_text(json.dumps({"text": "t"}) + "\n")
+    with pytest.raises(labels.LabelError, match="row 1 needs a non-empty 'text' and a 'label'"):
+        labels.load(f"jsonl:{tmp_path / 'nolabel.jsonl'}", corpus)
+    with pytest.raises(labels.LabelError, match="unknown labelled data 'tsv:x'"):
+        labels.load("tsv:x", corpus)
+    positive, _ = labels.load("sentiment", corpus, "train")
+    negated = [i for i in positive if " not " in i["text"]]
+    assert negated and len({i["label"] for i in negated}) == 2  # negation flips labels both ways
+    train_words = {i["text"].rstrip(".").split()[-1] for i in positive}
+    test_words = {i["text"].rstrip(".").split()[-1] for i in labels.load("sentiment", corpus, "test")[0]}
+    assert len(train_words & test_words) < 0.05 * len(test_words)  # the test asks about other words
+
+
+def test_a_tiny_classifier_beats_chance_and_eval_reads_its_labels(base, corpus, tmp_path):
+    import eval as evaluate
+    result = sft("--task=classify", "--labels=domain", "--init_from", base, "--out_dir", tmp_path / "clf", "--max_iters=60",
+                 "--eval_interval=60", "--batch_size=16", "--seq_len=64", "--lr=3e-3", "--eval_iters=1")
+    assert result["val_accuracy"] >= 0.9 and result["val_f1_macro"] >= 0.9  # chance: 1/3
+    meta = checkpoint.read_meta(tmp_path / "clf")
+    assert meta["labels"] == ["chat", "code", "prose"] and meta["label_task"] == "domain" and meta["objective"] == "classify"
+    report = evaluate.main(["--ckpt", str(tmp_path / "clf"), "--tasks", "classification", "--out_dir", str(tmp_path / "ev"),
+                            "--progress=false"])
+    clf = report["checkpoints"]["clf"]["results"]["classification"]
+    assert clf["accuracy"] == pytest.approx(result["val_accuracy"]) and len(clf["confusion_matrix"]) >= 2
