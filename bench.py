@@ -8,6 +8,7 @@ JSON under bench_out/ (gitignored).
     python bench.py forgetting  # continued pretraining: new-domain gain, old-domain forgetting, replay
     python bench.py generate  # generation tokens/s: the engine (KV cache, batched) vs recomputing
     python bench.py langid    # language-ID thresholds: English documents removed, non-English kept
+    python bench.py lora      # LoRA vs full fine-tuning: parameters, checkpoint, memory, steps/s, metric
 
 Every ratio is measured in the same run on the same inputs; nothing here is a hard-coded number.
 """
@@ -561,7 +562,52 @@ def bench_langid(argv) -> dict:
     return results
 
 
-BENCHMARKS = {"langid": bench_langid, "data": bench_data, "train": bench_train, "ttl": bench_ttl, "kernels": bench_kernels,
+@dataclass
+class LoraBenchConfig:
+    init_from: str = "out/pretrain"  # the checkpoint both runs start from
+    task: str = "classify"  # classify | chat
+    labels: str = "sentiment"  # the labelled task (classify)
+    max_iters: int = 200  # the same budget for both
+    lora_rank: int = 8  # adapter rank
+    lora_lr: float = 3e-3  # LoRA's learning rate (adapters want a larger step)
+    full_lr: float = 1e-3  # full fine-tuning's learning rate
+    out: str = "bench_out"  # runs and JSON results go here
+
+
+def bench_lora(argv) -> dict:
+    """LoRA against full fine-tuning on the same task and budget, each in its own process (so each
+    peak memory is its own): trainable parameters, checkpoint size, peak memory, steps/s, metric."""
+    import subprocess
+
+    cfg = parse_config(LoraBenchConfig, argv)
+    results, rows = {}, []
+    for name, flags in (("full", [f"--lr={cfg.full_lr}"]), (f"LoRA r={cfg.lora_rank}", [f"--lr={cfg.lora_lr}", f"--lora_rank={cfg.lora_rank}"])):
+        out = Path(cfg.out) / f"lora_bench_{name.split()[0].lower()}"
+        args = [f"--task={cfg.task}", f"--labels={cfg.labels}", f"--init_from={cfg.init_from}", f"--max_iters={cfg.max_iters}",
+                f"--eval_interval={cfg.max_iters}", "--seq_len=128", f"--out_dir={out}", "--overwrite", *flags]
+        code = ("import json, sys; sys.path.insert(0, %r); import train_sft; r = train_sft.main(%r); "
+                "print('RESULT ' + json.dumps({k: v for k, v in r.items() if isinstance(v, (int, float, str))}))") % (str(ROOT), args)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
+        r = json.loads(done.stdout.split("RESULT ", 1)[1])
+        ckpt = Path(r["checkpoint"])
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        seconds = max(x.get("train_seconds", 0) for x in records)
+        metric = "val_f1_macro" if cfg.task == "classify" else "val_exact_match"
+        results[name] = {"trainable_params": r["trainable_params"], "checkpoint_bytes": (ckpt / "model.pt").stat().st_size,
+                         "peak_memory_mib": r["peak_memory_mib"], "steps_per_second": cfg.max_iters / seconds,
+                         metric: r.get(metric)}
+        x = results[name]
+        rows.append((name, f"{x['trainable_params']:,}", f"{x['checkpoint_bytes'] / 2**20:.2f} MiB",
+                     f"{x['peak_memory_mib']:,.0f} MiB", f"{x['steps_per_second']:.2f}", f"{x[metric]:.3f}"))
+    print(table(rows, ("fine-tuning", "trainable parameters", "checkpoint", "peak memory", "steps/s", metric)))
+    Path(cfg.out).mkdir(exist_ok=True)
+    Path(cfg.out, "lora.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+BENCHMARKS = {"lora": bench_lora, "langid": bench_langid, "data": bench_data, "train": bench_train, "ttl": bench_ttl, "kernels": bench_kernels,
               "forgetting": bench_forgetting, "generate": bench_generate}
 
 if __name__ == "__main__":

@@ -301,7 +301,17 @@ def main(argv=None) -> dict:
         result = train(cfg, ctx, models, objective, train_loader, run)
     teardown(ctx)
     result["truncated"] = train_loader.truncated
+    result["trainable_params"] = trainable
+    result["peak_memory_mib"] = peak_memory_mib(ctx.device)
     return result
+
+
+def peak_memory_mib(device: str) -> float:
+    """Peak GPU memory allocated (CUDA), else the process's peak resident memory (Linux: KiB)."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 if __name__ == "__main__":
