@@ -271,32 +271,35 @@ def read_conversations(path: str | Path, family: str = "user") -> list[dict]:
     return items
 
 
-def read_dolly(path: str | Path) -> list[dict]:
-    """databricks-dolly-15k: instruction, context, response, category."""
+# instruction-following formats: (the field added to the instruction, the answer field, the family)
+INSTRUCTION_FORMATS = {
+    "dolly": ("context", "response", lambda row: f"dolly:{row.get('category', 'general')}"),  # databricks-dolly-15k
+    "alpaca": ("input", "output", lambda row: "alpaca"),  # yahma/alpaca-cleaned
+}
+
+
+def read_instruction_rows(path: str | Path, kind: str) -> list[dict]:
+    """Rows of {instruction, <extra>, <answer>} (Dolly, Alpaca) as one-turn conversations; the
+    extra field, when present, follows the instruction after a blank line."""
+    extra, answer, family = INSTRUCTION_FORMATS[kind]
     items = []
     for number, row in _rows(path):
         try:
-            question = row["instruction"] + (f"\n\n{row['context']}" if row.get("context") else "")
-            messages = conversation(question, row["response"])
+            question = row["instruction"] + (f"\n\n{row[extra]}" if row.get(extra) else "")
+            messages = conversation(question, row[answer])
         except (KeyError, TypeError):
-            raise InstructionError(f"{path} line {number} is not in Dolly's format (instruction, context, response)") from None
+            raise InstructionError(f"{path} line {number} is not in {kind}'s format (instruction, {extra}, {answer})") from None
         check_conversation(messages, f"{path} line {number}")
-        items.append({"family": f"dolly:{row.get('category', 'general')}", "messages": messages})
+        items.append({"family": family(row), "messages": messages})
     return items
+
+
+def read_dolly(path: str | Path) -> list[dict]:
+    return read_instruction_rows(path, "dolly")
 
 
 def read_alpaca(path: str | Path) -> list[dict]:
-    """Alpaca (yahma/alpaca-cleaned): instruction, input, output."""
-    items = []
-    for number, row in _rows(path):
-        try:
-            question = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-            messages = conversation(question, row["output"])
-        except (KeyError, TypeError):
-            raise InstructionError(f"{path} line {number} is not in Alpaca's format (instruction, input, output)") from None
-        check_conversation(messages, f"{path} line {number}")
-        items.append({"family": "alpaca", "messages": messages})
-    return items
+    return read_instruction_rows(path, "alpaca")
 
 
 def read_smoltalk(path: str | Path) -> list[dict]:
