@@ -243,51 +243,58 @@ def main(argv=None) -> dict:
     model, tokenizer, parent_meta, parent, resume_from = load_start(cfg)
     if cfg.dropout is not None:
         model.set_dropout(cfg.dropout)
-    adapters = None
-    if lora_config(cfg) and resume_from is None:
-        base_fingerprint = lora.fingerprint(model.state_dict())
-        names = lora.apply(model, lora_config(cfg)) if cfg.task == "chat" else [
-            n for n, m in model.named_modules() if any(n.endswith("." + t) for t in cfg.lora_targets)]
-        adapters = {"config": lora_config(cfg).to_dict(), "base": parent, "base_fingerprint": base_fingerprint,
-                    "layers": len(names)}
-    elif resume_from is not None:
-        adapters = read_meta(resume_from).get("adapters")
     data_dir = cfg.data_dir or parent_meta.get("data_dir") or str(ROOT / "data" / "default")
     label_names = None
     if cfg.task == "classify":
         train_items, label_names = labels.load(cfg.labels, data_dir, "train", cfg.seed)
         held_out, _ = labels.load(cfg.labels, data_dir, "test", cfg.seed)
-        if resume_from is None:  # a new head on the pretrained body (a resumed classifier already has it)
+    else:
+        train_items, held_out, data_dir = conversations(cfg, parent_meta)
+
+    # the model to train: a new head (classify), then adapters (LoRA), on a new run's starting point
+    lora_cfg, adapters = lora_config(cfg), None
+    if resume_from is not None:  # a resumed run's model already has its head and adapters
+        adapters = read_meta(resume_from).get("adapters")
+    else:
+        base_fingerprint = lora.fingerprint(model.state_dict())  # the base checkpoint's weights, before any head
+        if cfg.task == "classify":
             model = model.with_classifier(len(label_names), cfg.pool)
-            if lora_config(cfg):
-                lora.apply(model, lora_config(cfg))
+        if lora_cfg:
+            names = lora.apply(model, lora_cfg)
+            adapters = {"config": lora_cfg.to_dict(), "base": parent, "base_fingerprint": base_fingerprint,
+                        "layers": len(names)}
+        if cfg.task == "classify":
             if cfg.freeze_body:
                 for p in model.parameters():
                     p.requires_grad_(False)
-            for p in model.cls_head.parameters():
+            for p in model.cls_head.parameters():  # the new head always trains (LoRA froze it too)
                 p.requires_grad_(True)
+
+    if cfg.task == "classify":
         train_loader = ClassifyLoader(train_items, label_names, tokenizer, cfg.batch_size, min(cfg.seq_len, model.cfg.block_size),
                                       ctx.rank, ctx.world_size, ctx.device, seed=cfg.seed)
         counts = torch.tensor(train_loader.class_counts(len(label_names)), dtype=torch.float)
         weights = (counts.sum() / (len(counts) * counts)).to(ctx.device) if cfg.class_weights else None
         objective = Classify(cfg, ctx, tokenizer, label_names, held_out[:1000], weights)
     else:
-        train_items, held_out, data_dir = conversations(cfg, parent_meta)
         train_loader = ChatLoader(train_items, tokenizer, cfg.batch_size, cfg.seq_len, ctx.rank, ctx.world_size,
                                   ctx.device, seed=cfg.seed)
         objective = ChatSFT(cfg, ctx, tokenizer, held_out)
     models = wrap_model(model, cfg, ctx)
     trainable = sum(p.numel() for p in models.raw.parameters() if p.requires_grad)
+
+    # what a checkpoint holds: everything, the adapters alone (and a new head) naming their base, or merged weights
     keep = None
-    if adapters and not cfg.lora_merge:  # the checkpoint holds the adapters alone (and a new head), and names its base
+    if adapters and cfg.lora_merge:
+        keep = partial(lora.merged_state_dict, cfg=lora.LoRAConfig(**adapters["config"]))
+    elif adapters:
         keep = partial(lora.adapter_state_dict, also=("cls_head.",))
     meta = make_meta(stage="sft", objective=cfg.task, model=models.raw.cfg, config=config_to_dict(cfg),
                      tokenizer=tokenizer.name, data_dir=data_dir, parent=parent, parent_meta=parent_meta,
-                     chat_format=chat.CHAT_FORMAT if cfg.task == "chat" else None, adapters=adapters if keep else None,
+                     chat_format=chat.CHAT_FORMAT if cfg.task == "chat" else None,
+                     adapters=adapters if adapters and not cfg.lora_merge else None,
                      labels=label_names, label_task=cfg.labels if cfg.task == "classify" else None,
                      trainable_params=trainable, data=cfg.data or ["builtin"])
-    if adapters and cfg.lora_merge:  # the checkpoint holds W + (alpha / r) B A: a plain model
-        keep = partial(lora.merged_state_dict, cfg=lora_config(cfg))
     if ctx.master:
         lora_note = f" (LoRA rank {cfg.lora_rank} on {adapters['layers']} layers)" if adapters and "layers" in adapters else ""
         print(f"sft: {len(train_items):,} {'texts' if cfg.task == 'classify' else 'conversations'} "
