@@ -118,8 +118,10 @@ def load_start(cfg: SFTConfig) -> tuple[Transformer, Tokenizer, dict, str, Path 
         ckpt = resolve(cfg.out_dir)
         meta = read_meta(ckpt)
         tokenizer = Tokenizer.load(ckpt)
-        if meta.get("adapters"):  # the base, then this run's adapters, unmerged, to keep training them
+        if meta.get("adapters"):  # the base, its new head if any, then this run's adapters, unmerged, to keep training them
             model, _, _ = load_for_training(meta["adapters"]["base"], tokenizer)
+            if meta["model"].get("n_classes"):
+                model = model.with_classifier(meta["model"]["n_classes"], meta["model"].get("pool", "auto"))
             lora.apply(model, lora.LoRAConfig(**meta["adapters"]["config"]))
             load_weights(model, {**model.state_dict(), **torch.load(ckpt / "model.pt", weights_only=True)}, ckpt)
         else:
@@ -263,12 +265,12 @@ def main(argv=None) -> dict:
             names = lora.apply(model, lora_cfg)
             adapters = {"config": lora_cfg.to_dict(), "base": parent, "base_fingerprint": base_fingerprint,
                         "layers": len(names)}
-        if cfg.task == "classify":
-            if cfg.freeze_body:
-                for p in model.parameters():
-                    p.requires_grad_(False)
-            for p in model.cls_head.parameters():  # the new head always trains (LoRA froze it too)
-                p.requires_grad_(True)
+    if cfg.task == "classify":  # the same trainable set on a new and a resumed run (the optimizer state must fit it)
+        if cfg.freeze_body:
+            for p in model.parameters():
+                p.requires_grad_(False)
+        for p in model.cls_head.parameters():  # the new head always trains (LoRA froze it too)
+            p.requires_grad_(True)
 
     if cfg.task == "classify":
         train_loader = ClassifyLoader(train_items, label_names, tokenizer, cfg.batch_size, min(cfg.seq_len, model.cfg.block_size),

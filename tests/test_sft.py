@@ -190,6 +190,19 @@ def test_lora_sft_saves_small_adapters_that_load_and_merge(base, tmp_path):
     assert checkpoint.resolve(tmp_path / "lora").name == "ckpt_0000007"
 
 
+def test_a_lora_classifier_resumes_exactly(base, tmp_path):
+    """The new head is saved beside the adapters and trains on after a resume, as if never stopped."""
+    args = ["--task=classify", "--labels=domain", "--init_from", base, "--lora_rank=4", "--max_iters=6",
+            "--eval_interval=100", "--batch_size=8", "--seq_len=48", "--eval_iters=1", "--lr=3e-3"]
+    sft(*args, "--out_dir", tmp_path / "straight")
+    sft(*args, "--out_dir", tmp_path / "split", "--stop_step=3")
+    sft("--init_from=resume", *args[:2], *args[4:], "--out_dir", tmp_path / "split")
+    a = torch.load(checkpoint.resolve(tmp_path / "straight") / "model.pt", weights_only=True)
+    b = torch.load(checkpoint.resolve(tmp_path / "split") / "model.pt", weights_only=True)
+    assert any(k.startswith("cls_head") for k in a) and any(k.endswith("lora_A") for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_bad_input(base, tmp_path):
     from nanofm.common import ConfigError
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint at .*nothing"):
