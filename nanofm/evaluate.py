@@ -142,6 +142,10 @@ def _generation(s: Subject, cfg: Settings, done: dict) -> dict:
                                  chat_format=s.chat_format)
 
 
+def _induction(s: Subject, cfg: Settings, done: dict) -> dict:
+    return tasks.induction_task(s.model, s.tokenizer, seed=cfg.seed)
+
+
 def data_seed(s: Subject, cfg: Settings) -> int:
     """The seed that split the checkpoint's fine-tuning data (its training config's), so the
     held-out questions are the ones it never trained on; --seed for checkpoints without one."""
@@ -204,6 +208,7 @@ TASKS = {t.name: t for t in [
     Task("generation", frozenset({"lm"}), _generation),
     Task("hellaswag", frozenset({"lm"}), _hellaswag, ask_only=True),
     Task("instructions", frozenset({"lm"}), _instructions),
+    Task("induction", frozenset({"lm"}), _induction),
     Task("classification", frozenset({"classifier"}), _classification),
     Task("robustness", frozenset({"lm", "classifier"}), _robustness),
     Task("fairness", frozenset({"lm", "classifier"}), _fairness),
@@ -295,6 +300,8 @@ def headline(task: str, result: dict) -> dict[str, float]:
         return {"mean_exact_match": result["mean_exact_match"],
                 **{f"exact_match[{f}]": v for f, v in result["exact_match"].items()},
                 **({"chat_bleu": result["chat_bleu"], "chat_rougeL": result["chat_rougeL"]} if "chat_bleu" in result else {})}
+    if task == "induction":
+        return {k: result[k] for k in ("first_copy_loss", "second_copy_loss", "copying_score", "second_copy_accuracy")}
     if task == "robustness":
         return {**{f"drop[{k}]": v["drop"] for k, v in result.items()},
                 **{f"changed[{k}]": v["changed"] for k, v in result.items() if "changed" in v}}

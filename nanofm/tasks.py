@@ -4,6 +4,7 @@
     perplexity_task(model, tokenizer, docs)                 # per-domain perplexity and bits per byte
     choice_task(engine, choice_items(docs))                 # multiple choice by log-likelihood
     generation_task(engine, generation_items(docs))         # exact match, BLEU, ROUGE of generated replies
+    induction_task(model, tokenizer)                        # can it copy from its context (induction heads)?
     classification_task(model, tokenizer, items, labels)    # classifier checkpoints
     robustness_*, fairness_*, attributions(...)             # probes
 
@@ -297,6 +298,34 @@ def lambada_task(engine: Engine, items: Sequence[dict]) -> dict:
     nll = -sum(s[0] for s in scores)
     return {"acc": sum(s[2] for s in scores) / len(items), "perplexity": metrics.perplexity(nll, sum(s[1] for s in scores)),
             "n": len(items)}
+
+
+# ------------------------------------------------------------------ in-context copying
+
+@torch.no_grad()
+def induction_task(model, tokenizer: Tokenizer, n: int = 64, length: int = 32, seed: int = 0) -> dict:
+    """Can the model copy from its context? Random ordinary tokens, then the same tokens again
+    (Olsson et al. 2022): nothing predicts the first copy, while a model with induction heads
+    predicts the second almost perfectly. Reports the loss (nats per token) on each copy, their
+    difference (the copying score; 0 = no copying) and the top-1 accuracy on the second copy.
+    The first token of each copy is left out (a copy's start is not predictable)."""
+    length = min(length, (model.cfg.block_size - 1) // 2)
+    ordinary = [i for i in range(tokenizer.vocab_size) if i not in set(tokenizer.special_tokens.values())]
+    if length < 4 or len(ordinary) < length:
+        raise TaskError(f"the induction task needs a context of at least 9 tokens and {length} ordinary tokens")
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.tensor(ordinary)
+    rows = pool[torch.stack([torch.randperm(len(ordinary), generator=g)[:length] for _ in range(n)])]
+    device = next(model.parameters()).device
+    x = torch.cat([torch.full((n, 1), tokenizer.bos_id), rows, rows], dim=1).to(device)
+    model.eval()
+    logits = model(x)[0][:, :-1]
+    logp = token_logprobs(logits, x[:, 1:], vocab_limit=tokenizer.vocab_size)  # [n, 2 * length]: log p(token t + 1)
+    first, second = slice(1, length), slice(length + 1, 2 * length)
+    first_loss, second_loss = -logp[:, first].mean().item(), -logp[:, second].mean().item()
+    hits = logits[:, second, :tokenizer.vocab_size].argmax(-1) == x[:, 1:][:, second]
+    return {"first_copy_loss": first_loss, "second_copy_loss": second_loss, "copying_score": first_loss - second_loss,
+            "second_copy_accuracy": hits.float().mean().item(), "sequences": n, "length": length}
 
 
 # ------------------------------------------------------------------ generation

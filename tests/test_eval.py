@@ -2,6 +2,7 @@
 real formats, probes behave, reports are written whole, and bad input is a clear error."""
 
 import json
+import math
 import random
 import subprocess
 import sys
@@ -358,3 +359,34 @@ def test_chat_tuned_checkpoints_are_asked_in_their_chat_format(data_dir):
     assert 0 <= out["results"]["choice"]["acc"] <= 1 and out["results"]["generation"]["n"] == 5
     base = run_tasks(Subject(model, tok, {"data_dir": str(data_dir)}), ["choice"], Settings(max_items=5))
     assert base["results"]["choice"]["n"] == out["results"]["choice"]["n"]
+
+
+class _Copier(torch.nn.Module):
+    """An ideal induction head for sequences repeated with period `period`: at every position it
+    predicts the token `period` back from the next one (certain), and knows nothing before."""
+
+    def __init__(self, vocab: int, period: int, certain: bool = True):
+        super().__init__()
+        from types import SimpleNamespace
+        self.cfg, self.vocab, self.period, self.certain = SimpleNamespace(block_size=2 * period + 1), vocab, period, certain
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        logits = torch.zeros(*x.shape, self.vocab)
+        if self.certain:
+            for t in range(self.period, x.size(1)):  # position t predicts x[t + 1] = x[t + 1 - period]
+                logits[torch.arange(x.size(0)), t, x[:, t + 1 - self.period]] = 30.0
+        return logits, None
+
+
+def test_induction_task_scores_copying_from_context(data_dir):
+    tok = Tokenizer.load(data_dir)
+    copier = tasks.induction_task(_Copier(tok.vocab_size, 16), tok, n=8, length=16)
+    blind = tasks.induction_task(_Copier(tok.vocab_size, 16, certain=False), tok, n=8, length=16)
+    assert copier["second_copy_loss"] < 1e-6 and copier["second_copy_accuracy"] == 1.0
+    assert copier["first_copy_loss"] == pytest.approx(math.log(tok.vocab_size), rel=1e-4)  # uniform: nothing to copy yet
+    assert copier["copying_score"] == pytest.approx(math.log(tok.vocab_size), rel=1e-4)
+    assert blind["copying_score"] == pytest.approx(0, abs=1e-5) and blind["second_copy_accuracy"] < 0.05
+    model = small_lm(tok)  # a real (untrained) model: no copying to speak of
+    real = tasks.induction_task(model, tok, n=8, length=16)
+    assert abs(real["copying_score"]) < 0.5 and real["length"] == 16

@@ -54,6 +54,10 @@ def test_builtin_families_are_deterministic_and_held_out(corpus):
     assert f"def {a}(" in q
     q, a = (m["content"] for m in by_family["speaker"]["messages"])
     assert f"{a}: " in q and a.startswith(("KING", "QUEEN"))
+    counts = Counter(i["family"] for i in instructions.builtin(corpus, "train", per_family=10, per_synthetic=30))
+    assert all(counts[f] == (30 if f in instructions.SYNTHETIC else 10) for f in instructions.FAMILIES)
+    with pytest.raises(instructions.InstructionError, match=r"per_synthetic must be in \[1, 10000\], got 0"):
+        instructions.builtin(corpus, "train", per_synthetic=0)
 
 
 def test_user_data_formats(tmp_path):
