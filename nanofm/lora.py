@@ -66,13 +66,13 @@ class LoRALinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.scaling = cfg.alpha / cfg.rank
-        self.lora_dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout  # a number, not an nn.Dropout: the body's set_dropout must not change the adapters'
         self.lora_A = nn.Parameter(torch.empty(cfg.rank, base.in_features, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, cfg.rank, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
 
     def forward(self, x):
-        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        update = F.linear(F.linear(F.dropout(x, self.dropout, self.training), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return F.linear(x, self.weight, self.bias) + self.scaling * update
 
     def merged(self) -> nn.Linear:

@@ -623,7 +623,10 @@ class Tally:
 
 def evaluate_and_log(step: int, objective, models: Models, cfg: TrainConfig, ctx: Context, logger: Logger,
                      progress: Progress, metrics: dict) -> None:
-    """The objective's evaluation (and sample) at `step`, printed and logged."""
+    """The objective's evaluation (and sample) at `step`, printed and logged. The RNGs are put
+    back afterwards: whatever an evaluation draws, training's dropout masks stay the same, so the
+    updates do not depend on eval_interval, and a run resumed after an evaluation continues exactly."""
+    saved = rng_state()
     results = objective.evaluate(models.train)
     metrics.update(results)
     record = {"step": step, **results, "tokens_seen": progress.tokens_seen, "train_seconds": round(progress.train_seconds, 3)}
@@ -633,6 +636,7 @@ def evaluate_and_log(step: int, objective, models: Models, cfg: TrainConfig, ctx
         record["sample"] = sample(models.raw)  # FSDP: every rank runs the forwards
         if record["sample"] is not None:
             message += f"\n--- sample ---\n{record['sample']}\n--------------"
+    set_rng_state(saved)
     if ctx.master:
         tqdm.write(message)
     logger.log(record)

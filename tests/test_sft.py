@@ -197,7 +197,7 @@ def test_lora_sft_saves_small_adapters_that_load_and_merge(base, tmp_path):
 def test_a_lora_classifier_resumes_exactly(base, tmp_path):
     """The new head is saved beside the adapters and trains on after a resume, as if never stopped."""
     args = ["--task=classify", "--labels=domain", "--init_from", base, "--lora_rank=4", "--max_iters=6",
-            "--eval_interval=100", "--batch_size=8", "--seq_len=48", "--eval_iters=1", "--lr=3e-3"]
+            "--eval_interval=100", "--batch_size=8", "--seq_len=48", "--eval_iters=1", "--lr=3e-3"]  # dropout 0.1 (the default)
     sft(*args, "--out_dir", tmp_path / "straight")
     sft(*args, "--out_dir", tmp_path / "split", "--stop_step=3")
     sft("--init_from=resume", *args[:2], *args[4:], "--out_dir", tmp_path / "split")
@@ -269,3 +269,25 @@ def test_a_tiny_classifier_beats_chance_and_eval_reads_its_labels(base, corpus, 
                             "--progress=false"])
     clf = report["checkpoints"]["clf"]["results"]["classification"]
     assert clf["accuracy"] == pytest.approx(result["val_accuracy"]) and len(clf["confusion_matrix"]) >= 2
+
+
+def test_settings_left_out_take_the_tasks_defaults():
+    import train_sft
+    from nanofm.config import parse_config
+    chat_cfg = parse_config(train_sft.SFTConfig, [])
+    clf = parse_config(train_sft.SFTConfig, ["--task=classify"])
+    mine = parse_config(train_sft.SFTConfig, ["--task=classify", "--lr=0.01", "--dropout=0", "--max_iters=7"])
+    assert (chat_cfg.max_iters, chat_cfg.lr, chat_cfg.dropout) == (3000, 3e-3, None)  # None: the checkpoint's dropout
+    assert (clf.max_iters, clf.lr, clf.dropout) == (2000, 1e-3, 0.1)
+    assert (mine.max_iters, mine.lr, mine.dropout) == (7, 0.01, 0.0)
+
+
+def test_evaluations_do_not_change_training(base, tmp_path):
+    """With dropout on, a run that evaluates every 2 steps ends with the same weights as one that
+    never does: evaluation puts the RNGs back (and so a resume after an evaluation is exact)."""
+    args = ["--init_from", base, "--max_iters=6", "--dropout=0.1", *COMMON]
+    sft(*args, "--eval_interval=2", "--out_dir", tmp_path / "often")
+    sft(*args, "--eval_interval=100", "--out_dir", tmp_path / "never")
+    a = torch.load(checkpoint.resolve(tmp_path / "often") / "model.pt", weights_only=True)
+    b = torch.load(checkpoint.resolve(tmp_path / "never") / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
