@@ -7,6 +7,7 @@ data, preference pairs, evaluation prompts and serving alike.
                 {"role": "assistant", "content": "4"}]
     ids, mask = render(tokenizer, messages)     # mask[i] = 1 where token i is trained on
     prompt = render_prompt(tokenizer, messages[:2])   # ... <|assistant|>: the model writes the reply
+    ids, mask = render_completion(tokenizer, messages[:2], "4")   # mask on this reply alone (preferences, RL)
     parse(tokenizer, ids)                       # -> the messages back
 
 The format ("nanofm-chat-v1", recorded as meta.json's chat_format):
@@ -87,6 +88,15 @@ def render_prompt(tokenizer, messages) -> list[int]:
     if messages and messages[-1].get("role") == "assistant":
         raise ChatError("the conversation already ends with an assistant message; a prompt ends with the user's turn")
     return render(tokenizer, messages, add_generation_prompt=True)[0]
+
+
+def render_completion(tokenizer, prompt, reply: str) -> tuple[list[int], list[int]]:
+    """(ids, mask) of a prompt and one assistant reply, the mask on that reply and its <|end|> only
+    (not on earlier assistant turns of the prompt): what preference pairs, reward models and
+    policy log-probabilities score. The ids are render(prompt + [the reply])'s."""
+    ids = render_prompt(tokenizer, prompt)
+    reply_ids = tokenizer.encode(reply) + [end_id(tokenizer)]
+    return ids + reply_ids, [0] * len(ids) + [1] * len(reply_ids)
 
 
 def parse(tokenizer, ids: list[int]) -> list[dict]:

@@ -1,0 +1,153 @@
+"""Alignment: preference pairs (built-in, user formats, bad input) and the formulas of nanofm/rlhf.py
+checked against hand computations."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from nanofm import chat, instructions, preferences, rlhf
+from test_sft import corpus  # noqa: F401  (the small curated corpus fixture)
+
+
+def test_builtin_pairs_prefer_the_checkable_answer_and_hold_out_prompts(corpus):  # noqa: F811
+    pairs = preferences.builtin(corpus, "train", per_family=30)
+    assert pairs == preferences.builtin(corpus, "train", per_family=30)  # deterministic
+    assert {p["family"] for p in pairs} == set(instructions.FAMILIES)
+    for p in pairs:
+        assert p["chosen"] != p["rejected"] and p["prompt"][-1]["role"] == "user"
+        question = p["prompt"][-1]["content"]
+        if p["family"] == "arithmetic":
+            x, op, y = question[len("What is "):-1].split()
+            right = int(x) + int(y) if op == "+" else int(x) - int(y)
+            assert int(p["chosen"]) == right and int(p["rejected"]) != right
+        if p["family"] in ("reverse", "sort", "upper"):
+            assert sorted(p["rejected"].lower().split()) == sorted(p["chosen"].lower().split())  # the same words, wrong
+    held = preferences.builtin(corpus, "val", per_family=10)
+    train_prompts = {json.dumps(p["prompt"]) for p in preferences.builtin(corpus, "train", per_family=10_000)}
+    assert held and {json.dumps(p["prompt"]) for p in held}.isdisjoint(train_prompts)
+
+
+def test_user_formats_read_into_one_shape(tmp_path):
+    (tmp_path / "mine.jsonl").write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."}) + "\n")
+    transcript = "\n\nHuman: What is 2+2?\n\nAssistant: Let me think.\n\nHuman: Well?\n\nAssistant: "
+    (tmp_path / "hh.jsonl").write_text(json.dumps({"chosen": transcript + "4", "rejected": transcript + "5"}) + "\n")
+    conversation = [{"role": "user", "content": "Name a colour."}]
+    (tmp_path / "uf.jsonl").write_text(json.dumps({
+        "prompt": "Name a colour.", "chosen": conversation + [{"role": "assistant", "content": "Blue."}],
+        "rejected": conversation + [{"role": "assistant", "content": "Seven."}], "score_chosen": 9, "score_rejected": 2}) + "\n")
+    mine = preferences.load(str(tmp_path / "mine.jsonl"))
+    hh = preferences.load(f"hh:{tmp_path / 'hh.jsonl'}")
+    uf = preferences.load(f"ultrafeedback:{tmp_path / 'uf.jsonl'}")
+    assert mine[0]["prompt"] == [{"role": "user", "content": "Hi?"}] and mine[0]["chosen"] == "Hello!"
+    assert hh[0]["prompt"] == [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Let me think."},
+                               {"role": "user", "content": "Well?"}]
+    assert (hh[0]["chosen"], hh[0]["rejected"]) == ("4", "5")
+    assert uf[0]["prompt"] == conversation and (uf[0]["chosen"], uf[0]["rejected"]) == ("Blue.", "Seven.")
+
+
+@pytest.mark.parametrize("row, problem", [
+    ({"prompt": "Q?", "chosen": "same", "rejected": "same"}, "chosen and rejected are the same reply"),
+    ({"prompt": "", "chosen": "a", "rejected": "b"}, "the prompt has an empty message"),
+    ({"prompt": [], "chosen": "a", "rejected": "b"}, "the prompt is empty"),
+    ({"prompt": [{"role": "assistant", "content": "hi"}], "chosen": "a", "rejected": "b"}, "must end with a user turn"),
+    ({"prompt": [{"role": "robot", "content": "hi"}], "chosen": "a", "rejected": "b"}, "role 'robot'"),
+    ({"prompt": "Q?", "chosen": "", "rejected": "b"}, "'chosen' must be a non-empty reply"),
+])
+def test_bad_pairs_name_the_file_and_line(tmp_path, row, problem):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "fine", "chosen": "a", "rejected": "b"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(preferences.PreferenceError, match=f"bad.jsonl line 2: .*{problem}"):
+        preferences.load(str(path))
+
+
+def test_hh_transcripts_that_differ_before_the_last_reply_are_refused(tmp_path):
+    path = tmp_path / "hh.jsonl"
+    path.write_text(json.dumps({"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: B\n\nAssistant: y"}) + "\n")
+    with pytest.raises(preferences.PreferenceError, match="line 1: the chosen and rejected transcripts differ"):
+        preferences.load(f"hh:{path}")
+
+
+def test_render_completion_masks_the_last_reply_only():
+    from nanofm.tokenizer import Tokenizer, train_bpe
+    tok = Tokenizer.from_merges(train_bpe(["hello there, how are you? fine thanks"] * 3, 300, progress=False))
+    prompt = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "there"},
+              {"role": "user", "content": "how are you?"}]
+    ids, mask = chat.render_completion(tok, prompt, "fine thanks")
+    full, _ = chat.render(tok, prompt + [{"role": "assistant", "content": "fine thanks"}])
+    assert ids == full
+    reply = tok.encode("fine thanks") + [tok.special_tokens["<|end|>"]]
+    assert [t for t, m in zip(ids, mask) if m] == reply  # not "there", the earlier assistant turn
+
+
+def test_dpo_loss_is_ln2_at_the_start_and_follows_the_margin():
+    torch.manual_seed(0)
+    pc, pr = torch.randn(8), torch.randn(8)
+    loss, stats = rlhf.dpo_loss(pc, pr, pc.clone(), pr.clone(), beta=0.1)
+    assert loss.item() == pytest.approx(math.log(2)) and stats["margin"] == 0
+    loss, stats = rlhf.dpo_loss(torch.tensor([-1.0]), torch.tensor([-5.0]), torch.tensor([-2.0]), torch.tensor([-3.0]), beta=0.5)
+    margin = 0.5 * ((-1 + 2) - (-5 + 3))  # 1.5
+    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-margin))))
+    assert stats["chosen_reward"] == pytest.approx(0.5) and stats["rejected_reward"] == pytest.approx(-1.0)
+    assert stats["accuracy"] == 1.0
+    assert rlhf.reward_loss(torch.zeros(3), torch.zeros(3)).item() == pytest.approx(math.log(2))
+
+
+def test_gae_equals_a_hand_computation():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.2, 0.4, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the last position is padding
+    gamma, lam = 0.9, 0.8
+    d2 = 1.0 + gamma * 0 - 0.4
+    d1 = 0.0 + gamma * 0.4 - 0.2
+    d0 = 0.0 + gamma * 0.2 - 0.5
+    a2 = d2
+    a1 = d1 + gamma * lam * a2
+    a0 = d0 + gamma * lam * a1
+    advantages, returns = rlhf.gae(rewards, values, mask, gamma, lam)
+    assert advantages[0].tolist() == pytest.approx([a0, a1, a2, 0.0])
+    assert returns[0].tolist() == pytest.approx([a0 + 0.5, a1 + 0.2, a2 + 0.4, 0.0])
+    left = rlhf.gae(torch.tensor([[0.0, 0.0, 0.0, 1.0]]), torch.tensor([[9.0, 0.5, 0.2, 0.4]]),
+                    torch.tensor([[0.0, 1.0, 1.0, 1.0]]), gamma, lam)[0]  # left padding: the same episode
+    assert left[0].tolist() == pytest.approx([0.0, a0, a1, a2])
+
+
+def test_ppo_first_minibatch_has_ratio_one_and_no_kl():
+    torch.manual_seed(0)
+    logp = torch.randn(4, 6)
+    mask = torch.ones(4, 6)
+    mask[:, -2:] = 0
+    advantages = rlhf.whiten(torch.randn(4, 6), mask)
+    assert rlhf.masked_mean(advantages, mask).item() == pytest.approx(0, abs=1e-6)
+    assert rlhf.masked_mean(advantages ** 2, mask).item() == pytest.approx(1, abs=1e-4)
+    loss, stats = rlhf.ppo_policy_loss(logp, logp.clone(), advantages, mask)
+    assert stats["ratio"] == pytest.approx(1) and stats["approx_kl"] == pytest.approx(0) and stats["clip_fraction"] == 0
+    assert loss.item() == pytest.approx(-rlhf.masked_mean(advantages, mask).item(), abs=1e-6)
+    _, stats = rlhf.ppo_policy_loss(logp + 0.5, logp, torch.ones(4, 6), mask, clip=0.2)
+    assert stats["clip_fraction"] == 1.0  # ratio e^0.5 > 1.2 with a positive advantage: every token clipped
+    values = torch.tensor([[1.0, 2.0]])
+    assert rlhf.ppo_value_loss(values, torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2)).item() == pytest.approx(
+        0.5 * (1 + 4) / 2)  # the unclipped error is the larger
+
+
+def test_kl_estimators_and_group_advantages():
+    logp, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.5, -1.0, -0.5])
+    assert rlhf.kl_k1(logp, ref).tolist() == pytest.approx([0.5, -1.0, 0.0])
+    k3 = rlhf.kl_k3(logp, ref)
+    assert (k3 >= 0).all() and k3[2].item() == 0
+    assert k3[0].item() == pytest.approx(math.exp(-0.5) + 0.5 - 1)
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    adv = rlhf.group_advantages(rewards)
+    std = torch.tensor([1.0, 0.0, 0.0, 1.0]).std().item()
+    assert adv[0].tolist() == pytest.approx([0.5 / (std + 1e-4), -0.5 / (std + 1e-4)] * 1 + [-0.5 / (std + 1e-4), 0.5 / (std + 1e-4)])
+    assert adv[1].abs().max().item() == 0  # a group that all agrees teaches nothing
+
+
+def test_sequence_logprobs_sum_the_completion_only():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    targets = torch.randint(0, 7, (2, 5))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]], dtype=torch.float)
+    logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+    assert rlhf.sequence_logprobs(logits, targets, mask).tolist() == pytest.approx((logp * mask).sum(-1).tolist(), abs=1e-6)
