@@ -401,3 +401,55 @@ class ClassifyLoader(RowLoader):
         idx, mask = pad_batch([ids for ids, _ in chosen], value=self.pad_id)
         y = torch.tensor([label for _, label in chosen])
         return idx.to(self.device), mask.to(self.device), y.to(self.device)
+
+
+class PreferenceLoader(RowLoader):
+    """Preference batches from pairs {prompt, chosen, rejected}: each step's B pairs as 2B rows, the
+    B chosen first, then their B rejected in the same order, rendered with the chat format
+    (chat.render_completion: the loss mask on the reply and its <|end|> only).
+
+        x, y, attention_mask, index = loader.next_batch()
+        # x [2B, T] right-padded with the pad token; y = x shifted, -100 off the reply;
+        # attention_mask 1 on real tokens (a reward model reads the last one); index: the pairs' numbers
+    """
+
+    def __init__(self, pairs: list[dict], tokenizer, batch_size: int, max_len: int, rank: int = 0, world_size: int = 1,
+                 device: str = "cpu", seed: int = 0):
+        from nanofm import chat
+
+        if len(pairs) < batch_size * world_size:
+            raise ShardError(f"{len(pairs)} preference pairs are fewer than one step's {batch_size * world_size}; "
+                             f"lower --batch_size")
+        self.rows, self.truncated = [], 0
+        for i, pair in enumerate(pairs):
+            sides = []
+            for reply in (pair["chosen"], pair["rejected"]):
+                ids, mask = chat.render_completion(tokenizer, pair["prompt"], reply)
+                if len(ids) > max_len + 1:
+                    ids, mask = ids[:max_len + 1], mask[:max_len + 1]
+                    self.truncated += 1
+                sides.append((ids, mask))
+            if not all(sum(mask[1:]) for _, mask in sides):
+                raise ShardError(f"pair {i}: its prompt alone fills {max_len} tokens, so no reply token is left to "
+                                 f"score; raise --seq_len or shorten the prompt")
+            self.rows.append((i, sides))
+        self.pad_id, self.what = tokenizer.pad_id, "preference pairs"
+        self._init_rows(batch_size, rank, world_size, device, seed)
+
+    def next_batch(self):
+        return self._batch(self._next_rows())
+
+    def in_order(self, size: int):
+        """Every pair once, in the given order, `size` pairs a batch (scoring: reference
+        log-probabilities, held-out accuracy); the training position is untouched."""
+        for start in range(0, len(self.rows), size):
+            yield self._batch(self.rows[start:start + size])
+
+    def _batch(self, pairs: list):
+        import torch
+
+        rows = [sides[side] for side in (0, 1) for _, sides in pairs]  # every chosen row, then every rejected row
+        x, attention = pad_batch([ids[:-1] for ids, _ in rows], value=self.pad_id)
+        y, _ = pad_batch([[t if m else -100 for t, m in zip(ids[1:], mask[1:])] for ids, mask in rows], value=-100)
+        index = torch.tensor([i for i, _ in pairs])
+        return tuple(t.to(self.device) for t in (x, y, attention, index))

@@ -151,3 +151,71 @@ def test_sequence_logprobs_sum_the_completion_only():
     mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]], dtype=torch.float)
     logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
     assert rlhf.sequence_logprobs(logits, targets, mask).tolist() == pytest.approx((logp * mask).sum(-1).tolist(), abs=1e-6)
+
+
+# ------------------------------------------------------------------ train_rlhf.py
+
+from test_sft import COMMON, base, sft  # noqa: E402,F401  (a tiny causal model with a BPE, and the SFT runner)
+
+
+def rlhf_run(*args):
+    import train_rlhf
+    return train_rlhf.main([*map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def chat_model(base, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("chat")
+    sft("--init_from", base, "--out_dir", out / "sft", "--max_iters=40", "--eval_interval=100", *COMMON)
+    return out / "sft"
+
+
+RLHF_COMMON = ["--per_family=20", "--val_pairs=6", "--batch_size=8", "--seq_len=96", "--eval_iters=1", "--log_interval=5"]
+
+
+def test_dpo_starts_at_ln2_learns_the_pairs_and_records_its_reference(chat_model, tmp_path):
+    result = rlhf_run("--algo=dpo", "--init_from", chat_model, "--out_dir", tmp_path / "dpo", "--max_iters=40",
+                      "--eval_interval=40", "--lr=1e-3", *RLHF_COMMON)
+    records = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in records if "val_loss" in r)
+    assert first["step"] == 0 and first["val_loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy = reference
+    assert result["val_loss"] < math.log(2) - 0.05 and result["val_reward_accuracy"] > 0.6
+    from nanofm import checkpoint
+    meta = checkpoint.read_meta(tmp_path / "dpo")
+    assert meta["algorithm"] == "dpo" and meta["stage"] == "rlhf" and meta["chat_format"] == chat.CHAT_FORMAT
+    assert meta["reference"] == meta["parent"] and "sft" in meta["parent"]
+
+
+def test_dpo_resume_is_exact(chat_model, tmp_path):
+    from nanofm import checkpoint
+    args = ["--algo=dpo", "--max_iters=6", "--eval_interval=100", "--lr=1e-3", *RLHF_COMMON]
+    rlhf_run("--init_from", chat_model, *args, "--out_dir", tmp_path / "straight")
+    rlhf_run("--init_from", chat_model, *args, "--out_dir", tmp_path / "split", "--stop_step=2")
+    rlhf_run("--init_from=resume", *args, "--out_dir", tmp_path / "split")
+    a = torch.load(checkpoint.resolve(tmp_path / "straight") / "model.pt", weights_only=True)
+    b = torch.load(checkpoint.resolve(tmp_path / "split") / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_reward_model_learns_to_prefer_the_right_answer(chat_model, tmp_path):
+    result = rlhf_run("--algo=rm", "--init_from", chat_model, "--out_dir", tmp_path / "rm", "--max_iters=60",
+                      "--eval_interval=60", "--lr=3e-3", "--families=domain", *RLHF_COMMON)
+    assert result["val_pair_accuracy"] > 0.6 > 0.5  # chance is 0.5
+    from nanofm import checkpoint
+    model, meta = checkpoint.load_model(tmp_path / "rm")
+    assert model.cfg.n_classes == 1 and meta["objective"] == "reward_model"
+
+
+def test_bad_input(base, chat_model, tmp_path):  # noqa: F811
+    from nanofm.common import ConfigError
+    with pytest.raises(ConfigError, match="not chat-tuned .* run python train_sft.py"):
+        rlhf_run("--algo=dpo", "--init_from", base, "--out_dir", tmp_path / "o", *RLHF_COMMON)
+    with pytest.raises(ConfigError, match="--beta must be in"):
+        rlhf_run("--beta=0")
+    with pytest.raises(ConfigError, match="--algo must be one of"):
+        rlhf_run("--algo=reinforce")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"}) + "\n")
+    with pytest.raises(preferences.PreferenceError, match="line 1: chosen and rejected are the same"):
+        rlhf_run("--algo=dpo", "--init_from", chat_model, "--out_dir", tmp_path / "o", "--data", bad, *RLHF_COMMON)
+    assert not (tmp_path / "o").exists()  # nothing written

@@ -1,0 +1,280 @@
+"""Stage 6: align a fine-tuned checkpoint with preferences: a reward model, or DPO.
+
+    python train_rlhf.py --algo=dpo                      # DPO on the built-in pairs, from the latest out/sft
+    python train_rlhf.py --algo=rm                       # a reward model (Bradley-Terry) on the same pairs
+    python train_rlhf.py --algo=dpo --data=hh:hh.jsonl   # your pairs: jsonl, hh:, ultrafeedback:, hf:NAME
+    python train_rlhf.py --init_from=resume --algo=dpo --out_dir=out/dpo   # continue a stopped run exactly
+    python train_rlhf.py --help                          # every setting
+
+What it does, top to bottom: load the chat-tuned checkpoint and its tokenizer; build preference
+pairs (nanofm/preferences.py: right vs plausibly wrong answers of the checkable families, true vs
+mismatched chat replies; or user data) with a held-out split; then
+- rm: put a scalar head on the model (the score read at the last real token) and train it so
+  the chosen reply scores above the rejected one (-log sigmoid(r_c - r_r));
+- dpo: compute the reference model's log-probabilities of every reply once (the starting model,
+  frozen), then train the policy on -log sigmoid(beta ((pi_c - ref_c) - (pi_r - ref_r)));
+with the shared loop (nanofm/train.py), evaluating held-out pair accuracy (and for DPO the
+held-out exact match of the task families) as it goes. Checkpoints record their parent, the
+algorithm and, for DPO, the reference.
+
+Design decisions:
+- One script for every algorithm, as for fine-tuning: the data, the checkpoint and the loop are
+  shared, and each algorithm is an objective (loss + evaluate) of a few lines over nanofm/rlhf.py.
+- DPO's reference log-probabilities are computed once, before training (the reference model is
+  then dropped), and again on resume from the recorded reference: the same numbers, no second
+  model in memory during training.
+- Log-probabilities are normalised over the tokenizer's ids (vocab_limit), like sampling, so
+  DPO's policy is the distribution the engine samples from.
+- PPO and GRPO (issue 12's other half) are not here yet.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from nanofm import instructions, preferences, rlhf, tasks  # noqa: E402
+from nanofm.checkpoint import CheckpointError, load_for_training, make_meta, read_meta, resolve  # noqa: E402
+from nanofm.common import ConfigError, run_cli  # noqa: E402
+from nanofm.config import config_to_dict, parse_config  # noqa: E402
+from nanofm.data import PreferenceLoader  # noqa: E402
+from nanofm.engine import Engine  # noqa: E402
+from nanofm.model import Transformer, token_logprobs  # noqa: E402
+from nanofm.tokenizer import Tokenizer  # noqa: E402
+from nanofm.train import Run, TrainConfig, setup, teardown, train, wrap_model  # noqa: E402
+
+ALGOS = ("rm", "dpo")
+
+
+@dataclass
+class RLHFConfig(TrainConfig):
+    """Align a chat-tuned checkpoint with preference pairs: a reward model or DPO."""
+    algo: str = "dpo"  # rm (reward model) | dpo
+    init_from: str = "out/sft"  # a chat-tuned checkpoint or run directory (train_sft.py's), or resume
+    out_dir: str = ""  # "" = out/<algo>
+    data: list[str] = field(default_factory=list)  # user pairs, repeatable: PATH.jsonl, hh:PATH, ultrafeedback:PATH, hf:NAME
+    data_dir: str = ""  # curated corpus for the built-in pairs; "" = the checkpoint's data_dir
+    per_family: int = 500  # built-in training pairs per task family
+    families: list[str] = field(default_factory=lambda: list(instructions.FAMILIES))  # built-in task families to make pairs from
+    val_pairs: int = 20  # held-out pairs per family for the held-out accuracy
+    seq_len: int = 256  # tokens per prompt + reply; longer ones are cut (and counted)
+    beta: float = 0.1  # DPO: strength of the pull towards the reference (the implicit KL coefficient)
+    # the loop's defaults, for alignment
+    max_iters: int = 300  # optimizer steps
+    batch_size: int = 16  # pairs per micro-step per process
+    lr: float = 1e-4  # peak learning rate
+    warmup_iters: int = 10  # linear warmup steps
+    eval_interval: int = 100  # evaluate every N steps (and at the end)
+    weight_decay: float = 0.0  # AdamW weight decay
+    sample_tokens: int = 0  # no free samples: the evaluation generates answers
+    dropout: Optional[float] = 0.0  # dropout off: DPO's policy and reference must score alike at the start
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.algo not in ALGOS:
+            raise ConfigError(f"--algo must be one of {', '.join(ALGOS)}, got {self.algo!r}")
+        if not self.out_dir:
+            self.out_dir = f"out/{self.algo}"
+        if not 0 < self.beta <= 10:
+            raise ConfigError(f"--beta must be in (0, 10], got {self.beta}")
+        if not 1 <= self.per_family <= instructions.MAX_PER_FAMILY:
+            raise ConfigError(f"--per_family must be in [1, {instructions.MAX_PER_FAMILY}], got {self.per_family}")
+        unknown = [f for f in self.families if f not in instructions.FAMILIES]
+        if unknown or not self.families:
+            raise ConfigError(f"unknown or no --families {unknown}; families: {', '.join(instructions.FAMILIES)}")
+        if self.val_pairs < 1 or self.seq_len < 8:
+            raise ConfigError("--val_pairs must be >= 1 and --seq_len >= 8")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+
+
+def load_start(cfg: RLHFConfig) -> tuple[Transformer, Tokenizer, dict, str, Path | None]:
+    """(model, tokenizer, parent meta, parent path, resume checkpoint or None)."""
+    if cfg.init_from == "resume":
+        ckpt = resolve(cfg.out_dir)
+        meta = read_meta(ckpt)
+        if meta.get("algorithm") != cfg.algo:
+            raise ConfigError(f"{ckpt} was trained with --algo={meta.get('algorithm')}, not {cfg.algo}")
+        tokenizer = Tokenizer.load(ckpt)
+        model, _, _ = load_for_training(ckpt, tokenizer)
+        parent_meta = {"lineage": meta.get("lineage", [])[:-1], "data_dir": meta.get("data_dir"),
+                       "chat_format": meta.get("chat_format"), "reference": meta.get("reference")}
+        return model, tokenizer, parent_meta, meta.get("parent"), ckpt
+    source = Path(cfg.init_from)
+    if not source.exists():
+        hint = " (make one with: python train_sft.py)" if cfg.init_from == "out/sft" else ""
+        raise CheckpointError(f"no checkpoint at {source}{hint}")
+    directory = resolve(source)
+    if not (directory / "tokenizer.json").exists():
+        raise CheckpointError(f"{directory} has no tokenizer.json: alignment needs the tokenizer the model was trained with")
+    tokenizer = Tokenizer.load(directory)
+    model, meta, parent = load_for_training(source, tokenizer)
+    if not meta.get("chat_format"):
+        raise ConfigError(f"{parent} is not chat-tuned (its meta.json has no chat_format): alignment starts from a chat "
+                          f"model; run python train_sft.py --init_from={cfg.init_from} first")
+    if not model.cfg.causal or model.cfg.n_classes:
+        raise ConfigError(f"{parent} is not a causal language model (it is a classifier or a masked LM)")
+    return model, tokenizer, meta, str(parent), None
+
+
+def preference_pairs(cfg: RLHFConfig, data_dir: str) -> tuple[list[dict], list[dict]]:
+    """(training pairs, held-out pairs): user data (a tenth held out) or the built-in pairs."""
+    if cfg.data:
+        pairs = [pair for spec in cfg.data for pair in preferences.load(spec)]
+        split = max(1, len(pairs) // 10)
+        return pairs[split:], pairs[:split]
+    families = tuple(cfg.families)
+    train_pairs = preferences.builtin(data_dir, "train", per_family=cfg.per_family, seed=cfg.seed, families=families)
+    return train_pairs, preferences.builtin(data_dir, "val", per_family=cfg.val_pairs, seed=cfg.seed, families=families)
+
+
+def reply_logprobs(model, batch, vocab_limit: int) -> torch.Tensor:
+    """Summed log-probabilities of each row's reply (and <|end|>): [2B] for a preference batch."""
+    x, y = batch[0], batch[1]
+    logits, _ = model(x)
+    return token_logprobs(logits, y, vocab_limit).sum(-1)
+
+
+@torch.no_grad()
+def all_reply_logprobs(model, pairs: list[dict], tokenizer: Tokenizer, cfg: RLHFConfig, device) -> torch.Tensor:
+    """[n_pairs, 2] (chosen, rejected) log-probabilities of every pair under `model` (the reference)."""
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(len(pairs), 2)
+    for batch in PreferenceLoader(pairs, tokenizer, 1, cfg.seq_len, device=device).in_order(32):
+        logp, b = reply_logprobs(model, batch, tokenizer.vocab_size).float().cpu(), len(batch[3])
+        out[batch[3].cpu()] = torch.stack([logp[:b], logp[b:]], dim=1)
+    model.train(was_training)
+    return out
+
+
+def pair_accuracy(scores: torch.Tensor, pairs: list[dict]) -> dict:
+    """Share of pairs whose chosen reply scores above its rejected one, overall and per family."""
+    wins = (scores[:, 0] > scores[:, 1]).tolist()
+    by_family: dict[str, list] = {}
+    for pair, win in zip(pairs, wins):
+        by_family.setdefault(pair["family"], []).append(win)
+    return {"pair_accuracy": sum(wins) / len(wins),
+            **{f"pair_accuracy[{f}]": sum(w) / len(w) for f, w in sorted(by_family.items())}}
+
+
+class DPO:
+    """DPO on preference batches, against reference log-probabilities computed once."""
+
+    def __init__(self, cfg: RLHFConfig, ctx, tokenizer: Tokenizer, reference: torch.Tensor, held_out: list[dict],
+                 held_reference: torch.Tensor, questions: list[dict], chat_format: str):
+        self.cfg, self.ctx, self.tokenizer = cfg, ctx, tokenizer
+        self.reference, self.held_out, self.held_reference = reference.to(ctx.device), held_out, held_reference
+        self.questions, self.chat_format = questions, chat_format
+
+    def loss(self, model, batch, step):
+        index = batch[3]
+        logp = reply_logprobs(model, batch, self.tokenizer.vocab_size)
+        b = len(index)
+        ref = self.reference[index]
+        loss, stats = rlhf.dpo_loss(logp[:b], logp[b:], ref[:, 0], ref[:, 1], self.cfg.beta)
+        return loss, b, stats
+
+    def evaluate(self, model) -> dict:
+        raw = getattr(model, "module", model)
+        logp = all_reply_logprobs(raw, self.held_out, self.tokenizer, self.cfg, self.ctx.device)
+        loss, stats = rlhf.dpo_loss(logp[:, 0], logp[:, 1], self.held_reference[:, 0], self.held_reference[:, 1], self.cfg.beta)
+        results = {"val_loss": loss.item(), "val_reward_accuracy": stats["accuracy"], "val_margin": stats["margin"],
+                   "val_pair_accuracy": pair_accuracy(logp, self.held_out)["pair_accuracy"]}
+        if self.questions and self.ctx.master:
+            engine = Engine(raw, self.tokenizer, device=self.ctx.device, dtype=self.ctx.dtype)
+            results["val_exact_match"] = tasks.instruction_task(engine, self.questions, self.chat_format)["mean_exact_match"]
+            raw.train()
+        return results
+
+
+class RewardModel:
+    """Bradley-Terry on the scalar head's scores of the chosen and rejected rows."""
+
+    def __init__(self, cfg: RLHFConfig, ctx, tokenizer: Tokenizer, held_out: list[dict]):
+        self.cfg, self.ctx, self.tokenizer, self.held_out = cfg, ctx, tokenizer, held_out
+
+    def loss(self, model, batch, step):
+        x, _, attention, index = batch
+        scores = model(x, attention_mask=attention, head="classify")[0][:, 0].float()
+        b = len(index)
+        loss = rlhf.reward_loss(scores[:b], scores[b:])
+        return loss, b, {"accuracy": (scores[:b] > scores[b:]).float().mean().item()}
+
+    @torch.no_grad()
+    def scores(self, model, pairs: list[dict]) -> torch.Tensor:
+        """[n_pairs, 2] (chosen, rejected) scores."""
+        out = torch.zeros(len(pairs), 2)
+        for x, _, attention, index in PreferenceLoader(pairs, self.tokenizer, 1, self.cfg.seq_len,
+                                                       device=self.ctx.device).in_order(32):
+            s, b = model(x, attention_mask=attention, head="classify")[0][:, 0].float().cpu(), len(index)
+            out[index.cpu()] = torch.stack([s[:b], s[b:]], dim=1)
+        return out
+
+    def evaluate(self, model) -> dict:
+        raw = getattr(model, "module", model)
+        raw.eval()
+        scores = self.scores(raw, self.held_out)
+        raw.train()
+        return {"val_loss": rlhf.reward_loss(scores[:, 0], scores[:, 1]).item(),
+                **{f"val_{k}": v for k, v in pair_accuracy(scores, self.held_out).items()}}
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(RLHFConfig, argv, description=__doc__.split("\n\n")[0])
+    ctx = setup(cfg)
+    model, tokenizer, parent_meta, parent, resume_from = load_start(cfg)
+    if cfg.dropout is not None:
+        model.set_dropout(cfg.dropout)
+    data_dir = cfg.data_dir or parent_meta.get("data_dir") or str(ROOT / "data" / "default")
+    train_pairs, held_out = preference_pairs(cfg, data_dir)
+    train_loader = PreferenceLoader(train_pairs, tokenizer, cfg.batch_size, cfg.seq_len, ctx.rank, ctx.world_size,
+                                    ctx.device, seed=cfg.seed)
+    reference = parent if resume_from is None else parent_meta.get("reference")
+    if cfg.algo == "rm":
+        if resume_from is None:
+            model = model.with_classifier(1, "last")  # a scalar score at the last real token
+        reference = None
+        objective = RewardModel(cfg, ctx, tokenizer, held_out)
+    else:
+        reference_model = model
+        if resume_from is not None:  # the run's own starting point, recorded as its reference
+            reference_model, _, _ = load_for_training(reference, tokenizer)
+            reference_model.set_dropout(0.0)
+        reference_model = reference_model.to(ctx.device)
+        if ctx.master:
+            print(f"dpo: reference log-probabilities of {len(train_pairs) + len(held_out):,} pairs from {reference}")
+        ref_train = all_reply_logprobs(reference_model, train_pairs, tokenizer, cfg, ctx.device)
+        ref_held = all_reply_logprobs(reference_model, held_out, tokenizer, cfg, ctx.device)
+        del reference_model
+        questions = instructions.builtin(data_dir, "val", per_family=4, seed=cfg.seed,
+                                         families=tuple(f for f in cfg.families if f in instructions.CHECKABLE)
+                                         ) if not cfg.data else []
+        objective = DPO(cfg, ctx, tokenizer, ref_train, held_out, ref_held, questions, parent_meta.get("chat_format"))
+    models = wrap_model(model, cfg, ctx)
+    meta = make_meta(stage="rlhf", objective="reward_model" if cfg.algo == "rm" else "dpo", model=models.raw.cfg,
+                     config=config_to_dict(cfg), tokenizer=tokenizer.name, data_dir=data_dir, parent=parent,
+                     parent_meta=parent_meta, algorithm=cfg.algo, reference=reference, data=cfg.data or ["builtin"],
+                     labels=["score"] if cfg.algo == "rm" else None)
+    if ctx.master:
+        print(f"{cfg.algo}: {len(train_pairs):,} pairs ({train_loader.truncated} replies cut to {cfg.seq_len} tokens), "
+              f"{len(held_out):,} held out; from {parent}")
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer.save(Path(scratch) / "tokenizer.json")
+        run = Run(Path(cfg.out_dir), meta, tokenizer_path=Path(scratch) / "tokenizer.json", resume_from=resume_from)
+        result = train(cfg, ctx, models, objective, train_loader, run)
+    teardown(ctx)
+    result["truncated"] = train_loader.truncated
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)
