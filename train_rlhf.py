@@ -236,6 +236,7 @@ def main(argv=None) -> dict:
         model.set_dropout(cfg.dropout)
     data_dir = cfg.data_dir or parent_meta.get("data_dir") or str(ROOT / "data" / "default")
     train_pairs, held_out = preference_pairs(cfg, data_dir)
+    held_out = [held_out[i] for i, _ in PreferenceLoader(held_out, tokenizer, 1, cfg.seq_len).rows]  # those that fit
     train_loader = PreferenceLoader(train_pairs, tokenizer, cfg.batch_size, cfg.seq_len, ctx.rank, ctx.world_size,
                                     ctx.device, seed=cfg.seed)
     reference = parent if resume_from is None else parent_meta.get("reference")
@@ -265,7 +266,8 @@ def main(argv=None) -> dict:
                      parent_meta=parent_meta, algorithm=cfg.algo, reference=reference, data=cfg.data or ["builtin"],
                      labels=["score"] if cfg.algo == "rm" else None)
     if ctx.master:
-        print(f"{cfg.algo}: {len(train_pairs):,} pairs ({train_loader.truncated} replies cut to {cfg.seq_len} tokens), "
+        print(f"{cfg.algo}: {len(train_pairs):,} pairs ({train_loader.truncated} replies cut to {cfg.seq_len} tokens, "
+              f"{train_loader.dropped} pairs left out: their prompt alone fills it), "
               f"{len(held_out):,} held out; from {parent}")
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer.save(Path(scratch) / "tokenizer.json")

@@ -411,16 +411,14 @@ class PreferenceLoader(RowLoader):
         x, y, attention_mask, index = loader.next_batch()
         # x [2B, T] right-padded with the pad token; y = x shifted, -100 off the reply;
         # attention_mask 1 on real tokens (a reward model reads the last one); index: the pairs' numbers
+        loader.truncated, loader.dropped   # replies cut to max_len; pairs whose prompt alone fills it (counted)
     """
 
     def __init__(self, pairs: list[dict], tokenizer, batch_size: int, max_len: int, rank: int = 0, world_size: int = 1,
                  device: str = "cpu", seed: int = 0):
         from nanofm import chat
 
-        if len(pairs) < batch_size * world_size:
-            raise ShardError(f"{len(pairs)} preference pairs are fewer than one step's {batch_size * world_size}; "
-                             f"lower --batch_size")
-        self.rows, self.truncated = [], 0
+        self.rows, self.truncated, self.dropped = [], 0, 0
         for i, pair in enumerate(pairs):
             sides = []
             for reply in (pair["chosen"], pair["rejected"]):
@@ -429,10 +427,13 @@ class PreferenceLoader(RowLoader):
                     ids, mask = ids[:max_len + 1], mask[:max_len + 1]
                     self.truncated += 1
                 sides.append((ids, mask))
-            if not all(sum(mask[1:]) for _, mask in sides):
-                raise ShardError(f"pair {i}: its prompt alone fills {max_len} tokens, so no reply token is left to "
-                                 f"score; raise --seq_len or shorten the prompt")
-            self.rows.append((i, sides))
+            if all(sum(mask[1:]) for _, mask in sides):
+                self.rows.append((i, sides))
+            else:  # the prompt alone fills max_len: nothing of a reply is left to compare (counted)
+                self.dropped += 1
+        if len(self.rows) < batch_size * world_size:
+            raise ShardError(f"{len(self.rows)} of {len(pairs)} preference pairs fit {max_len} tokens with some of "
+                             f"their replies, fewer than one step's {batch_size * world_size}; raise --seq_len")
         self.pad_id, self.what = tokenizer.pad_id, "preference pairs"
         self._init_rows(batch_size, rank, world_size, device, seed)
 

@@ -219,3 +219,20 @@ def test_bad_input(base, chat_model, tmp_path):  # noqa: F811
     with pytest.raises(preferences.PreferenceError, match="line 1: chosen and rejected are the same"):
         rlhf_run("--algo=dpo", "--init_from", chat_model, "--out_dir", tmp_path / "o", "--data", bad, *RLHF_COMMON)
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_preference_loader_pairs_rows_and_drops_prompts_that_fill_the_context():
+    from nanofm.data import PreferenceLoader
+    from nanofm.tokenizer import Tokenizer, train_bpe
+    tok = Tokenizer.from_merges(train_bpe(["one two three four five six seven"] * 3, 300, progress=False))
+    pairs = [{"family": "f", "prompt": [{"role": "user", "content": f"one two {i}"}], "chosen": "three", "rejected": "four five"}
+             for i in range(4)]
+    pairs.append({"family": "f", "prompt": [{"role": "user", "content": "one two " * 40}], "chosen": "a", "rejected": "b"})
+    loader = PreferenceLoader(pairs, tok, batch_size=2, max_len=24)
+    assert loader.dropped == 1 and len(loader.rows) == 4
+    x, y, attention, index = loader.next_batch()
+    assert x.shape[0] == 4 and attention[:, 0].all()
+    for row, pair_index in enumerate(index.tolist() * 2):  # chosen rows first, then the rejected rows in the same order
+        reply = pairs[pair_index]["chosen" if row < 2 else "rejected"]
+        assert [t for t in y[row].tolist() if t != -100] == tok.encode(reply) + [tok.special_tokens["<|end|>"]]
+    assert sorted(i for batch in loader.in_order(3) for i in batch[3].tolist()) == [0, 1, 2, 3]
