@@ -52,6 +52,8 @@ from nanofm.tokenizer import Tokenizer  # noqa: E402
 from nanofm.train import Run, TrainConfig, setup, teardown, train, wrap_model  # noqa: E402
 
 ALGOS = ("rm", "dpo")
+# what a setting left out means for each algorithm: measured on the tiny default model (README, stage 6)
+ALGO_DEFAULTS = {"rm": {"max_iters": 500, "lr": 1e-3}, "dpo": {"max_iters": 300, "lr": 1e-4}}
 
 
 @dataclass
@@ -67,10 +69,10 @@ class RLHFConfig(TrainConfig):
     val_pairs: int = 20  # held-out pairs per family for the held-out accuracy
     seq_len: int = 256  # tokens per prompt + reply; longer ones are cut (and counted)
     beta: float = 0.1  # DPO: strength of the pull towards the reference (the implicit KL coefficient)
-    # the loop's defaults, for alignment
-    max_iters: int = 300  # optimizer steps
+    # the loop's defaults, for alignment (None: the algorithm's, ALGO_DEFAULTS below)
+    max_iters: Optional[int] = None  # optimizer steps (rm 500, dpo 300)
     batch_size: int = 16  # pairs per micro-step per process
-    lr: float = 1e-4  # peak learning rate
+    lr: Optional[float] = None  # peak learning rate (rm 1e-3: a new head; dpo 1e-4)
     warmup_iters: int = 10  # linear warmup steps
     eval_interval: int = 100  # evaluate every N steps (and at the end)
     weight_decay: float = 0.0  # AdamW weight decay
@@ -78,9 +80,12 @@ class RLHFConfig(TrainConfig):
     dropout: Optional[float] = 0.0  # dropout off: DPO's policy and reference must score alike at the start
 
     def __post_init__(self):
-        super().__post_init__()
         if self.algo not in ALGOS:
             raise ConfigError(f"--algo must be one of {', '.join(ALGOS)}, got {self.algo!r}")
+        for name, value in ALGO_DEFAULTS[self.algo].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        super().__post_init__()
         if not self.out_dir:
             self.out_dir = f"out/{self.algo}"
         if not 0 < self.beta <= 10:

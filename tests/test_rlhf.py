@@ -236,3 +236,14 @@ def test_preference_loader_pairs_rows_and_drops_prompts_that_fill_the_context():
         reply = pairs[pair_index]["chosen" if row < 2 else "rejected"]
         assert [t for t in y[row].tolist() if t != -100] == tok.encode(reply) + [tok.special_tokens["<|end|>"]]
     assert sorted(i for batch in loader.in_order(3) for i in batch[3].tolist()) == [0, 1, 2, 3]
+
+
+def test_settings_left_out_take_the_algorithms_defaults():
+    import train_rlhf
+    from nanofm.config import parse_config
+    rm = parse_config(train_rlhf.RLHFConfig, ["--algo=rm"])
+    dpo = parse_config(train_rlhf.RLHFConfig, [])
+    mine = parse_config(train_rlhf.RLHFConfig, ["--algo=rm", "--lr=0.01", "--max_iters=3", "--out_dir=x"])
+    assert (rm.max_iters, rm.lr, rm.out_dir) == (500, 1e-3, "out/rm")
+    assert (dpo.algo, dpo.max_iters, dpo.lr, dpo.out_dir) == ("dpo", 300, 1e-4, "out/dpo")
+    assert (mine.max_iters, mine.lr, mine.out_dir) == (3, 0.01, "x")
