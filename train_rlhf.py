@@ -1,7 +1,8 @@
-"""Stage 6: align a fine-tuned checkpoint with preferences: a reward model, or DPO.
+"""Stage 6: align a fine-tuned checkpoint: a reward model, DPO (preferences) or GRPO (verifiable rewards).
 
     python train_rlhf.py --algo=dpo                      # DPO on the built-in pairs, from the latest out/sft
     python train_rlhf.py --algo=rm                       # a reward model (Bradley-Terry) on the same pairs
+    python train_rlhf.py --algo=grpo                     # GRPO: groups of sampled replies, rewarded by exact match
     python train_rlhf.py --algo=dpo --data=hh:hh.jsonl   # your pairs: jsonl, hh:, ultrafeedback:, hf:NAME
     python train_rlhf.py --init_from=resume --algo=dpo --out_dir=out/dpo   # continue a stopped run exactly
     python train_rlhf.py --help                          # every setting
@@ -13,6 +14,8 @@ mismatched chat replies; or user data) with a held-out split; then
   the chosen reply scores above the rejected one (-log sigmoid(r_c - r_r));
 - dpo: compute the reference model's log-probabilities of every reply once (the starting model,
   frozen), then train the policy on -log sigmoid(beta ((pi_c - ref_c) - (pi_r - ref_r)));
+- grpo: sample --group_size replies to each question of the verifiable families, reward exact
+  answers, weight each reply's tokens by its group advantage in the clipped policy loss;
 with the shared loop (nanofm/train.py), evaluating held-out pair accuracy (and for DPO the
 held-out exact match of the task families) as it goes. Checkpoints record their parent, the
 algorithm and, for DPO, the reference.
@@ -25,7 +28,10 @@ Design decisions:
   model in memory during training.
 - Log-probabilities are normalised over the tokenizer's ids (vocab_limit), like sampling, so
   DPO's policy is the distribution the engine samples from.
-- PPO and GRPO (issue 12's other half) are not here yet.
+- GRPO's rollouts are its data loader (Rollouts): the loop, checkpoints and exact resume are the
+  shared ones, and each rollout gets one update (so the ratio is 1; the clip matters once rollouts
+  are reused for several epochs, as PPO will).
+- PPO (a value head, GAE over the KL-penalised reward) is not here yet.
 """
 
 from __future__ import annotations
@@ -45,15 +51,16 @@ from nanofm import instructions, preferences, rlhf, tasks  # noqa: E402
 from nanofm.checkpoint import CheckpointError, load_for_training, make_meta, read_meta, resolve  # noqa: E402
 from nanofm.common import ConfigError, run_cli  # noqa: E402
 from nanofm.config import config_to_dict, parse_config  # noqa: E402
-from nanofm.data import PreferenceLoader  # noqa: E402
+from nanofm.data import PreferenceLoader, RowLoader  # noqa: E402
 from nanofm.engine import Engine  # noqa: E402
 from nanofm.model import Transformer, token_logprobs  # noqa: E402
 from nanofm.tokenizer import Tokenizer  # noqa: E402
 from nanofm.train import Run, TrainConfig, setup, teardown, train, wrap_model  # noqa: E402
 
-ALGOS = ("rm", "dpo")
+ALGOS = ("rm", "dpo", "grpo")
 # what a setting left out means for each algorithm: measured on the tiny default model (README, stage 6)
-ALGO_DEFAULTS = {"rm": {"max_iters": 500, "lr": 1e-3}, "dpo": {"max_iters": 300, "lr": 1e-4}}
+ALGO_DEFAULTS = {"rm": {"max_iters": 500, "lr": 1e-3, "batch_size": 16}, "dpo": {"max_iters": 300, "lr": 1e-4, "batch_size": 16},
+                 "grpo": {"max_iters": 50, "lr": 1e-4, "batch_size": 8}}  # grpo: not tuned yet
 
 
 @dataclass
@@ -69,9 +76,15 @@ class RLHFConfig(TrainConfig):
     val_pairs: int = 20  # held-out pairs per family for the held-out accuracy
     seq_len: int = 256  # tokens per prompt + reply; longer ones are cut (and counted)
     beta: float = 0.1  # DPO: strength of the pull towards the reference (the implicit KL coefficient)
+    # GRPO: --batch_size prompts per step, each answered group_size times, rewarded by exact match
+    group_size: int = 8  # samples per prompt (their mean and std make the baseline)
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    max_new_tokens: int = 32  # longest sampled reply
+    clip: float = 0.2  # ratio clip of the policy loss
+    kl_coef: float = 0.0  # weight of the k3 KL to the reference (0: no reference model kept)
     # the loop's defaults, for alignment (None: the algorithm's, ALGO_DEFAULTS below)
     max_iters: Optional[int] = None  # optimizer steps (rm 500, dpo 300)
-    batch_size: int = 16  # pairs per micro-step per process
+    batch_size: Optional[int] = None  # pairs (grpo: questions) per micro-step per process (rm, dpo 16; grpo 8)
     lr: Optional[float] = None  # peak learning rate (rm 1e-3: a new head; dpo 1e-4)
     warmup_iters: int = 10  # linear warmup steps
     eval_interval: int = 100  # evaluate every N steps (and at the end)
@@ -95,6 +108,10 @@ class RLHFConfig(TrainConfig):
         unknown = [f for f in self.families if f not in instructions.FAMILIES]
         if unknown or not self.families:
             raise ConfigError(f"unknown or no --families {unknown}; families: {', '.join(instructions.FAMILIES)}")
+        if self.group_size < 2:
+            raise ConfigError(f"--group_size must be at least 2 (the group is the baseline), got {self.group_size}")
+        if not 0 <= self.kl_coef <= 10 or not 0 < self.clip < 1 or self.temperature <= 0 or self.max_new_tokens < 1:
+            raise ConfigError("--kl_coef must be in [0, 10], --clip in (0, 1), --temperature > 0, --max_new_tokens >= 1")
         if self.val_pairs < 1 or self.seq_len < 8:
             raise ConfigError("--val_pairs must be >= 1 and --seq_len >= 8")
         if self.dropout is not None and not 0 <= self.dropout < 1:
@@ -233,6 +250,87 @@ class RewardModel:
                 **{f"val_{k}": v for k, v in pair_accuracy(scores, self.held_out).items()}}
 
 
+class Rollouts(RowLoader):
+    """GRPO's data: each step, the next --batch_size questions of the verifiable families (this
+    rank's share, in RowLoader's seeded order), each answered group_size times by the current
+    policy through the engine, with the reward (1 for an exact answer, else 0) and the group
+    advantages. Sampling is seeded by (seed, step, rank, row) and the position is saved like any
+    loader's, so a resumed run rolls out the same replies."""
+
+    what = "questions"
+
+    def __init__(self, questions: list[dict], model, tokenizer: Tokenizer, cfg: RLHFConfig, ctx):
+        self.rows, self.model, self.tokenizer, self.cfg, self.ctx = questions, model, tokenizer, cfg, ctx
+        self._init_rows(cfg.batch_size, ctx.rank, ctx.world_size, ctx.device, cfg.seed)
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.step = int(state["step"])
+
+    @torch.no_grad()
+    def next_batch(self):
+        from nanofm import chat
+        from nanofm.data import pad_batch
+        from nanofm.engine import SamplingParams
+        items = self._next_rows()
+        g = self.cfg.group_size
+        prompts = [chat.render_prompt(self.tokenizer, item["messages"][:-1]) for item in items for _ in range(g)]
+        params = [SamplingParams(max_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                                 seed=self.cfg.seed * 1_000_003 + self.step * 10_007 + self.ctx.rank * 1009 + i)
+                  for i in range(len(prompts))]
+        engine = Engine(self.model, self.tokenizer, device=self.ctx.device, dtype=self.ctx.dtype)
+        outs = engine.generate(prompts, params)
+        self.model.train()
+        self.step += 1
+        answers = [item["messages"][-1]["content"] for item in items for _ in range(g)]
+        rewards = torch.tensor([float(instructions.exact_match(o.text, a)) for o, a in zip(outs, answers)])
+        advantages = rlhf.group_advantages(rewards.view(len(items), g)).view(-1)
+        rows = [prompt + out.token_ids for prompt, out in zip(prompts, outs)]
+        x, _ = pad_batch([r[:-1] for r in rows], value=self.tokenizer.pad_id)
+        y, _ = pad_batch([[-100] * (len(p) - 1) + o.token_ids for p, o in zip(prompts, outs)], value=-100)
+        lengths = torch.tensor([float(len(o.token_ids)) for o in outs])
+        return tuple(t.to(self.ctx.device) for t in (x, y, advantages, rewards, lengths))
+
+
+class GRPO:
+    """The clipped policy loss on sampled replies weighted by their group advantages, plus an
+    optional k3 KL to the reference; evaluated by greedy exact match on held-out questions."""
+
+    def __init__(self, cfg: RLHFConfig, ctx, tokenizer: Tokenizer, reference, questions: list[dict], chat_format: str):
+        self.cfg, self.ctx, self.tokenizer, self.reference = cfg, ctx, tokenizer, reference
+        self.questions, self.chat_format = questions, chat_format
+
+    def loss(self, model, batch, step):
+        x, y, advantages, rewards, lengths = batch
+        logits, _ = model(x)
+        logp = token_logprobs(logits, y, self.tokenizer.vocab_size)
+        mask = (y != -100).float()
+        # one update per rollout: the old policy is this one, so the ratio is 1 and the clip guards later epochs
+        loss, stats = rlhf.ppo_policy_loss(logp, logp.detach(), advantages[:, None].expand_as(logp), mask, self.cfg.clip)
+        if self.reference is not None and self.cfg.kl_coef > 0:
+            with torch.no_grad():
+                ref_logp = token_logprobs(self.reference(x)[0], y, self.tokenizer.vocab_size)
+            kl = rlhf.masked_mean(rlhf.kl_k3(logp, ref_logp), mask)
+            loss = loss + self.cfg.kl_coef * kl
+            stats["kl"] = kl.item()
+        stats.update(reward=rewards.mean().item(), response_length=lengths.mean().item())
+        return loss, len(rewards), stats
+
+    def evaluate(self, model) -> dict:
+        raw = getattr(model, "module", model)
+        results = {}
+        if self.questions and self.ctx.master:
+            engine = Engine(raw, self.tokenizer, device=self.ctx.device, dtype=self.ctx.dtype)
+            result = tasks.instruction_task(engine, self.questions, self.chat_format)
+            raw.train()
+            results["val_exact_match"] = result["mean_exact_match"]
+        return results
+
+
 def main(argv=None) -> dict:
     cfg = parse_config(RLHFConfig, argv, description=__doc__.split("\n\n")[0])
     ctx = setup(cfg)
@@ -240,17 +338,33 @@ def main(argv=None) -> dict:
     if cfg.dropout is not None:
         model.set_dropout(cfg.dropout)
     data_dir = cfg.data_dir or parent_meta.get("data_dir") or str(ROOT / "data" / "default")
-    train_pairs, held_out = preference_pairs(cfg, data_dir)
-    held_out = [held_out[i] for i, _ in PreferenceLoader(held_out, tokenizer, 1, cfg.seq_len).rows]  # those that fit
-    train_loader = PreferenceLoader(train_pairs, tokenizer, cfg.batch_size, cfg.seq_len, ctx.rank, ctx.world_size,
-                                    ctx.device, seed=cfg.seed)
     reference = parent if resume_from is None else parent_meta.get("reference")
+    checkable = tuple(f for f in cfg.families if f in instructions.CHECKABLE)
+    if cfg.algo == "grpo":
+        if cfg.data:
+            raise ConfigError("GRPO rewards exact answers of the built-in task families; --data (preference pairs) "
+                              "is for rm and dpo")
+        model = model.to(ctx.device)
+        questions = instructions.builtin(data_dir, "train", per_family=cfg.per_family, seed=cfg.seed, families=checkable)
+        held_questions = instructions.builtin(data_dir, "val", per_family=cfg.val_pairs, seed=cfg.seed, families=checkable)
+        reference_model = None
+        if cfg.kl_coef > 0:
+            reference_model, _, _ = load_for_training(reference, tokenizer)
+            reference_model = reference_model.to(ctx.device).eval().requires_grad_(False)
+        objective = GRPO(cfg, ctx, tokenizer, reference_model, held_questions, parent_meta.get("chat_format"))
+        train_loader = Rollouts(questions, model, tokenizer, cfg, ctx)
+        train_pairs, held_out = questions, held_questions
+    else:
+        train_pairs, held_out = preference_pairs(cfg, data_dir)
+        held_out = [held_out[i] for i, _ in PreferenceLoader(held_out, tokenizer, 1, cfg.seq_len).rows]  # those that fit
+        train_loader = PreferenceLoader(train_pairs, tokenizer, cfg.batch_size, cfg.seq_len, ctx.rank, ctx.world_size,
+                                        ctx.device, seed=cfg.seed)
     if cfg.algo == "rm":
         if resume_from is None:
             model = model.with_classifier(1, "last")  # a scalar score at the last real token
         reference = None
         objective = RewardModel(cfg, ctx, tokenizer, held_out)
-    else:
+    elif cfg.algo == "dpo":
         reference_model = model
         if resume_from is not None:  # the run's own starting point, recorded as its reference
             reference_model, _, _ = load_for_training(reference, tokenizer)
@@ -261,25 +375,23 @@ def main(argv=None) -> dict:
         ref_train = all_reply_logprobs(reference_model, train_pairs, tokenizer, cfg, ctx.device)
         ref_held = all_reply_logprobs(reference_model, held_out, tokenizer, cfg, ctx.device)
         del reference_model
-        questions = instructions.builtin(data_dir, "val", per_family=4, seed=cfg.seed,
-                                         families=tuple(f for f in cfg.families if f in instructions.CHECKABLE)
-                                         ) if not cfg.data else []
+        questions = instructions.builtin(data_dir, "val", per_family=4, seed=cfg.seed, families=checkable) if not cfg.data else []
         objective = DPO(cfg, ctx, tokenizer, ref_train, held_out, ref_held, questions, parent_meta.get("chat_format"))
     models = wrap_model(model, cfg, ctx)
-    meta = make_meta(stage="rlhf", objective="reward_model" if cfg.algo == "rm" else "dpo", model=models.raw.cfg,
+    meta = make_meta(stage="rlhf", objective="reward_model" if cfg.algo == "rm" else cfg.algo, model=models.raw.cfg,
                      config=config_to_dict(cfg), tokenizer=tokenizer.name, data_dir=data_dir, parent=parent,
                      parent_meta=parent_meta, algorithm=cfg.algo, reference=reference, data=cfg.data or ["builtin"],
                      labels=["score"] if cfg.algo == "rm" else None)
     if ctx.master:
-        print(f"{cfg.algo}: {len(train_pairs):,} pairs ({train_loader.truncated} replies cut to {cfg.seq_len} tokens, "
-              f"{train_loader.dropped} pairs left out: their prompt alone fills it), "
-              f"{len(held_out):,} held out; from {parent}")
+        what = "questions" if cfg.algo == "grpo" else (f"pairs ({train_loader.truncated} replies cut to {cfg.seq_len} "
+                                                       f"tokens, {train_loader.dropped} left out: the prompt fills it)")
+        print(f"{cfg.algo}: {len(train_pairs):,} {what}, {len(held_out):,} held out; from {parent}")
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer.save(Path(scratch) / "tokenizer.json")
         run = Run(Path(cfg.out_dir), meta, tokenizer_path=Path(scratch) / "tokenizer.json", resume_from=resume_from)
         result = train(cfg, ctx, models, objective, train_loader, run)
     teardown(ctx)
-    result["truncated"] = train_loader.truncated
+    result["truncated"] = getattr(train_loader, "truncated", 0)
     return result
 
 
