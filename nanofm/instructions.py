@@ -321,6 +321,20 @@ HUB = {"smoltalk": ("HuggingFaceTB/smol-smoltalk", "train"), "dolly": ("databric
        "alpaca": ("yahma/alpaca-cleaned", "train")}
 
 
+def read_from_hub(repo: str, split: str, reader):
+    """A hub dataset (online, with `datasets`) written to a temporary JSONL and read by `reader`:
+    hub rows pass the same checks as a local file in that format."""
+    import tempfile
+
+    import datasets
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rows.jsonl"
+        with open(path, "w", encoding="utf-8") as out:
+            for row in datasets.load_dataset(repo, split=split):
+                out.write(json.dumps(row) + "\n")
+        return reader(path)
+
+
 def load_user_data(spec: str) -> list[dict]:
     """FORMAT:PATH (jsonl, dolly, alpaca, smoltalk), a plain .jsonl path, or hf:NAME for the three
     hub datasets (online only; the hub rows go through the same readers)."""
@@ -328,16 +342,7 @@ def load_user_data(spec: str) -> list[dict]:
         name = spec[3:]
         if name not in HUB:
             raise InstructionError(f"unknown hub dataset {name!r}; nanofm reads {', '.join(HUB)}")
-        import tempfile
-
-        import datasets
-        repo, split = HUB[name]
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "rows.jsonl"
-            with open(path, "w", encoding="utf-8") as out:
-                for row in datasets.load_dataset(repo, split=split):
-                    out.write(json.dumps(row) + "\n")
-            return READERS[name](path)
+        return read_from_hub(*HUB[name], READERS[name])
     kind, sep, path = spec.partition(":")
     if not sep or kind not in READERS:
         kind, path = "jsonl", spec

@@ -27,7 +27,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -198,16 +197,8 @@ def load(spec: str) -> list[dict]:
         name = spec[3:]
         if name not in HUB:
             raise PreferenceError(f"unknown hub dataset {name!r}; nanofm reads {', '.join(HUB)}")
-        import tempfile
-
-        import datasets
         repo, split, kind = HUB[name]
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "rows.jsonl"
-            with open(path, "w", encoding="utf-8") as out:
-                for row in datasets.load_dataset(repo, split=split):
-                    out.write(json.dumps(row) + "\n")
-            return READERS[kind](path)
+        return instructions.read_from_hub(repo, split, READERS[kind])
     kind, sep, path = spec.partition(":")
     if not sep or kind not in READERS:
         kind, path = "jsonl", spec
