@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 from nanofm import instructions, preferences, rlhf, tasks  # noqa: E402
 from nanofm.checkpoint import CheckpointError, load_for_training, make_meta, read_meta, resolve  # noqa: E402
 from nanofm.common import ConfigError, run_cli  # noqa: E402
-from nanofm.config import config_to_dict, parse_config  # noqa: E402
+from nanofm.config import config_to_dict, fill_unset, parse_config  # noqa: E402
 from nanofm.data import PreferenceLoader, RowLoader  # noqa: E402
 from nanofm.engine import Engine  # noqa: E402
 from nanofm.model import Transformer, token_logprobs  # noqa: E402
@@ -95,9 +95,7 @@ class RLHFConfig(TrainConfig):
     def __post_init__(self):
         if self.algo not in ALGOS:
             raise ConfigError(f"--algo must be one of {', '.join(ALGOS)}, got {self.algo!r}")
-        for name, value in ALGO_DEFAULTS[self.algo].items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+        fill_unset(self, ALGO_DEFAULTS[self.algo])
         super().__post_init__()
         if not self.out_dir:
             self.out_dir = f"out/{self.algo}"
@@ -105,9 +103,7 @@ class RLHFConfig(TrainConfig):
             raise ConfigError(f"--beta must be in (0, 10], got {self.beta}")
         if not 1 <= self.per_family <= instructions.MAX_PER_FAMILY:
             raise ConfigError(f"--per_family must be in [1, {instructions.MAX_PER_FAMILY}], got {self.per_family}")
-        unknown = [f for f in self.families if f not in instructions.FAMILIES]
-        if unknown or not self.families:
-            raise ConfigError(f"unknown or no --families {unknown}; families: {', '.join(instructions.FAMILIES)}")
+        instructions.check_families(self.families)
         if self.group_size < 2:
             raise ConfigError(f"--group_size must be at least 2 (the group is the baseline), got {self.group_size}")
         if not 0 <= self.kl_coef <= 10 or not 0 < self.clip < 1 or self.temperature <= 0 or self.max_new_tokens < 1:

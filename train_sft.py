@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from nanofm import chat, instructions, labels, lora, metrics, tasks  # noqa: E402
 from nanofm.checkpoint import CheckpointError, load_for_training, load_weights, make_meta, read_meta, resolve  # noqa: E402
 from nanofm.common import ConfigError, run_cli  # noqa: E402
-from nanofm.config import config_to_dict, parse_config  # noqa: E402
+from nanofm.config import config_to_dict, fill_unset, parse_config  # noqa: E402
 from nanofm.data import ChatLoader, ClassifyLoader  # noqa: E402
 from nanofm.engine import Engine, SamplingParams  # noqa: E402
 from nanofm.model import Transformer  # noqa: E402
@@ -96,9 +96,7 @@ class SFTConfig(TrainConfig):
     def __post_init__(self):
         if self.task not in TASK_DEFAULTS:
             raise ConfigError(f"--task must be chat or classify, got {self.task!r}")
-        for name, value in TASK_DEFAULTS[self.task].items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+        fill_unset(self, TASK_DEFAULTS[self.task])
         super().__post_init__()
         if self.pool not in ("auto", "first", "last", "mean"):
             raise ConfigError(f"--pool must be auto, first, last or mean, got {self.pool!r}")
@@ -107,9 +105,7 @@ class SFTConfig(TrainConfig):
         for name in ("per_family", "per_synthetic"):
             if not 1 <= getattr(self, name) <= instructions.MAX_PER_FAMILY:
                 raise ConfigError(f"--{name} must be in [1, {instructions.MAX_PER_FAMILY}], got {getattr(self, name)}")
-        unknown = [f for f in self.families if f not in instructions.FAMILIES]
-        if unknown or not self.families:
-            raise ConfigError(f"unknown or no --families {unknown}; families: {', '.join(instructions.FAMILIES)}")
+        instructions.check_families(self.families)
         if self.val_per_family < 0:
             raise ConfigError(f"--val_per_family must be >= 0, got {self.val_per_family}")
         if self.lora_rank < 0:

@@ -119,6 +119,15 @@ SYNONYMS = {"learning_rate": "lr", "max_steps": "max_iters", "num_steps": "max_i
             "save_steps": "checkpoint_interval", "logging_steps": "log_interval", "resume_from_checkpoint": "init_from"}
 
 
+def fill_unset(cfg, defaults: dict) -> None:
+    """Give the settings left as None the values of `defaults` (what a stage's task or algorithm
+    wants: train_sft's TASK_DEFAULTS, train_rlhf's ALGO_DEFAULTS); settings given on the command
+    line are kept."""
+    for name, value in defaults.items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, value)
+
+
 def closest(name: str, valid: list[str], prefix: str = "--") -> str:
     """'; did you mean --a, --b?' naming the valid names closest to a wrong one, or ''."""
     if SYNONYMS.get(name) in valid:

@@ -172,6 +172,14 @@ def chat_conversation(doc: dict) -> list[dict] | None:
     return pairs if pairs and pairs == messages[:len(pairs)] else None
 
 
+def check_families(families) -> None:
+    """A --families setting: known task families, at least one."""
+    from nanofm.common import ConfigError
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown or not families:
+        raise ConfigError(f"unknown or no --families {unknown}; families: {', '.join(FAMILIES)}")
+
+
 def builtin(data_dir: str | Path, split: str = "train", per_family: int = 2000, seed: int = 0,
             families: tuple[str, ...] = FAMILIES, per_synthetic: int | None = None) -> list[dict]:
     """The built-in mixture: `per_family` examples of each corpus family (fewer where the corpus has
