@@ -236,16 +236,10 @@ class Classify:
 
 
 def exact_match(model, tokenizer: Tokenizer, items: list[dict], ctx=None) -> dict[str, float]:
-    """Greedy replies in the chat format to the last user turn of each item; exact match per family."""
+    """Greedy replies in the chat format to the last user turn of each item; exact match per family
+    (eval's instructions task, on a model in memory)."""
     engine = Engine(model, tokenizer, device=ctx.device if ctx else None, dtype=ctx.dtype if ctx else None)
-    prompts = [chat.render_prompt(tokenizer, item["messages"][:-1]) for item in items]
-    fits = [len(p) <= model.cfg.block_size - 48 for p in prompts]  # room for the reply (longer ones are skipped)
-    items, prompts = [i for i, ok in zip(items, fits) if ok], [p for p, ok in zip(prompts, fits) if ok]
-    outs = engine.generate(prompts, SamplingParams(max_tokens=48, temperature=0))
-    hits: dict[str, list[bool]] = {}
-    for item, out in zip(items, outs):
-        hits.setdefault(item["family"], []).append(instructions.exact_match(out.text, item["messages"][-1]["content"]))
-    return {family: sum(h) / len(h) for family, h in hits.items()}
+    return tasks.instruction_task(engine, items, chat.CHAT_FORMAT)["exact_match"]
 
 
 def main(argv=None) -> dict:
