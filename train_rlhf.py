@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from nanofm import instructions, preferences, rlhf, tasks  # noqa: E402
-from nanofm.checkpoint import CheckpointError, load_for_training, make_meta, read_meta, resolve  # noqa: E402
+from nanofm.checkpoint import CheckpointError, load_for_training, load_model, make_meta, read_meta, resolve  # noqa: E402
 from nanofm.common import ConfigError, run_cli  # noqa: E402
 from nanofm.config import config_to_dict, fill_unset, parse_config  # noqa: E402
 from nanofm.data import PreferenceLoader, RowLoader  # noqa: E402
@@ -57,40 +57,53 @@ from nanofm.model import Transformer, token_logprobs  # noqa: E402
 from nanofm.tokenizer import Tokenizer  # noqa: E402
 from nanofm.train import Run, TrainConfig, setup, teardown, train, wrap_model  # noqa: E402
 
-ALGOS = ("rm", "dpo", "grpo")
+ALGOS = ("rm", "dpo", "ppo", "grpo")
 # what a setting left out means for each algorithm: measured on the tiny default model (README, stage 6)
-ALGO_DEFAULTS = {"rm": {"max_iters": 500, "lr": 1e-3, "batch_size": 16}, "dpo": {"max_iters": 300, "lr": 1e-4, "batch_size": 16},
-                 "grpo": {"max_iters": 50, "lr": 1e-4, "batch_size": 8}}  # grpo: not tuned yet
+ALGO_DEFAULTS = {
+    "rm": {"max_iters": 500, "lr": 1e-3, "batch_size": 16},
+    "dpo": {"max_iters": 300, "lr": 1e-4, "batch_size": 16},
+    # ppo: rollouts of batch_size * minibatches questions, each used for ppo_epochs passes (8 steps)
+    "ppo": {"max_iters": 200, "lr": 1e-4, "batch_size": 16, "minibatches": 2, "ppo_epochs": 4, "kl_coef": 0.05},
+    # grpo: batch_size questions * group_size replies per rollout, one update each (the ratio stays 1)
+    "grpo": {"max_iters": 50, "lr": 1e-4, "batch_size": 8, "minibatches": 1, "ppo_epochs": 1, "kl_coef": 0.0},
+}
 
 
 @dataclass
 class RLHFConfig(TrainConfig):
-    """Align a chat-tuned checkpoint with preference pairs: a reward model or DPO."""
-    algo: str = "dpo"  # rm (reward model) | dpo
+    """Align a chat-tuned checkpoint: a reward model, DPO on preference pairs, PPO or GRPO on rewards."""
+    algo: str = "dpo"  # rm (reward model) | dpo | ppo | grpo
     init_from: str = "out/sft"  # a chat-tuned checkpoint or run directory (train_sft.py's), or resume
     out_dir: str = ""  # "" = out/<algo>
     data: list[str] = field(default_factory=list)  # user pairs, repeatable: PATH.jsonl, hh:PATH, ultrafeedback:PATH, hf:NAME
-    data_dir: str = ""  # curated corpus for the built-in pairs; "" = the checkpoint's data_dir
-    per_family: int = 500  # built-in training pairs per task family
-    families: list[str] = field(default_factory=lambda: list(instructions.FAMILIES))  # built-in task families to make pairs from
-    val_pairs: int = 20  # held-out pairs per family for the held-out accuracy
+    data_dir: str = ""  # curated corpus for the built-in pairs and questions; "" = the checkpoint's data_dir
+    per_family: int = 500  # built-in training pairs (ppo, grpo: questions) per task family
+    families: list[str] = field(default_factory=lambda: list(instructions.FAMILIES))  # built-in task families to use
+    val_pairs: int = 20  # held-out pairs (questions) per family for the held-out numbers
     seq_len: int = 256  # tokens per prompt + reply; longer ones are cut (and counted)
     beta: float = 0.1  # DPO: strength of the pull towards the reference (the implicit KL coefficient)
-    # GRPO: --batch_size prompts per step, each answered group_size times, rewarded by exact match
-    group_size: int = 8  # samples per prompt (their mean and std make the baseline)
+    # PPO and GRPO: roll out, score, then ppo_epochs passes over the rollout in minibatches of batch_size questions
+    reward_model: str = ""  # ppo: a reward model (--algo=rm's out_dir) to score replies; "" = exact answers of the checkable families
+    group_size: int = 8  # grpo: replies per question (their mean and std make the baseline)
     temperature: float = 1.0  # sampling temperature of the rollouts
     max_new_tokens: int = 32  # longest sampled reply
+    ppo_epochs: Optional[int] = None  # passes over each rollout (ppo 4, grpo 1)
+    minibatches: Optional[int] = None  # optimizer steps per pass (ppo 2, grpo 1)
     clip: float = 0.2  # ratio clip of the policy loss
-    kl_coef: float = 0.0  # weight of the k3 KL to the reference (0: no reference model kept)
-    # the loop's defaults, for alignment (None: the algorithm's, ALGO_DEFAULTS below)
-    max_iters: Optional[int] = None  # optimizer steps (rm 500, dpo 300)
-    batch_size: Optional[int] = None  # pairs (grpo: questions) per micro-step per process (rm, dpo 16; grpo 8)
-    lr: Optional[float] = None  # peak learning rate (rm 1e-3: a new head; dpo 1e-4)
+    target_kl: float = 0.05  # a minibatch whose approximate KL to the sampling policy passes 1.5x this ends the rollout's epochs (0: never)
+    kl_coef: Optional[float] = None  # ppo: k1 KL penalty per token folded into the reward (0.05); grpo: weight of the k3 KL in the loss (0: no reference kept)
+    value_coef: float = 0.1  # ppo: weight of the value loss (the critic shares the policy's body)
+    value_clip: float = 0.2  # ppo: how far a value may move from the rollout's in one update
+    gae_lambda: float = 0.95  # ppo: GAE's lambda (gamma is 1: one reply is one episode)
+    # the loop's defaults, for alignment (None: the algorithm's, ALGO_DEFAULTS above)
+    max_iters: Optional[int] = None  # optimizer steps (rm 500, dpo 300, ppo 200, grpo 50)
+    batch_size: Optional[int] = None  # pairs (ppo, grpo: questions) per micro-step per process (rm, dpo, ppo 16; grpo 8)
+    lr: Optional[float] = None  # peak learning rate (rm 1e-3: a new head; dpo, ppo, grpo 1e-4)
     warmup_iters: int = 10  # linear warmup steps
     eval_interval: int = 100  # evaluate every N steps (and at the end)
     weight_decay: float = 0.0  # AdamW weight decay
     sample_tokens: int = 0  # no free samples: the evaluation generates answers
-    dropout: Optional[float] = 0.0  # dropout off: DPO's policy and reference must score alike at the start
+    dropout: Optional[float] = 0.0  # dropout off: the policy must score its samples as it sampled them (DPO: as the reference)
 
     def __post_init__(self):
         if self.algo not in ALGOS:
@@ -106,8 +119,20 @@ class RLHFConfig(TrainConfig):
         instructions.check_families(self.families)
         if self.group_size < 2:
             raise ConfigError(f"--group_size must be at least 2 (the group is the baseline), got {self.group_size}")
-        if not 0 <= self.kl_coef <= 10 or not 0 < self.clip < 1 or self.temperature <= 0 or self.max_new_tokens < 1:
-            raise ConfigError("--kl_coef must be in [0, 10], --clip in (0, 1), --temperature > 0, --max_new_tokens >= 1")
+        if self.algo in ("ppo", "grpo"):
+            problems = [message for bad, message in (
+                (not 0 <= self.kl_coef <= 10, f"--kl_coef must be in [0, 10], got {self.kl_coef}"),
+                (not 0 < self.clip < 1, f"--clip must be in (0, 1), got {self.clip}"),
+                (not 0 < self.value_clip, f"--value_clip must be > 0, got {self.value_clip}"),
+                (not 0 <= self.gae_lambda <= 1, f"--gae_lambda must be in [0, 1], got {self.gae_lambda}"),
+                (self.target_kl < 0 or self.value_coef < 0, "--target_kl and --value_coef must be >= 0"),
+                (self.temperature <= 0, f"--temperature must be > 0, got {self.temperature}"),
+                (self.max_new_tokens < 1, f"--max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+                (self.ppo_epochs < 1 or self.minibatches < 1, "--ppo_epochs and --minibatches must be >= 1"),
+                (self.reward_model and self.algo != "ppo", "--reward_model scores PPO's replies; GRPO uses exact answers"),
+            ) if bad]
+            if problems:
+                raise ConfigError("; ".join(problems))
         if self.val_pairs < 1 or self.seq_len < 8:
             raise ConfigError("--val_pairs must be >= 1 and --seq_len >= 8")
         if self.dropout is not None and not 0 <= self.dropout < 1:
@@ -140,6 +165,8 @@ def load_start(cfg: RLHFConfig) -> tuple[Transformer, Tokenizer, dict, str, Path
                           f"model; run python train_sft.py --init_from={cfg.init_from} first")
     if not model.cfg.causal or model.cfg.n_classes:
         raise ConfigError(f"{parent} is not a causal language model (it is a classifier or a masked LM)")
+    if model.cfg.value_head:  # a PPO checkpoint: its critic is dropped (PPO gives itself a new one)
+        model = model.with_value_head(False)
     return model, tokenizer, meta, str(parent), None
 
 
@@ -246,84 +273,186 @@ class RewardModel:
                 **{f"val_{k}": v for k, v in pair_accuracy(scores, self.held_out).items()}}
 
 
+class ExactAnswer:
+    """The programmatic reward of the verifiable families: 1 for an exact answer, else 0."""
+
+    def __call__(self, items: list[dict], replies: list[str], x, attention) -> torch.Tensor:
+        return torch.tensor([float(instructions.exact_match(reply, item["messages"][-1]["content"]))
+                             for item, reply in zip(items, replies)])
+
+
+class LearnedReward:
+    """A reward model's score (train_rlhf.py --algo=rm) of prompt + reply, read at the last real token."""
+
+    def __init__(self, path: str, tokenizer: Tokenizer, ctx):
+        directory = resolve(path)
+        if not (directory / "tokenizer.json").exists() or not Tokenizer.load(directory).same_as(tokenizer):
+            raise ConfigError(f"the reward model {directory} was trained with another tokenizer than the policy; "
+                              f"train it from the same SFT checkpoint: python train_rlhf.py --algo=rm")
+        meta = read_meta(directory)
+        if meta.get("algorithm") != "rm":
+            raise ConfigError(f"{directory} is not a reward model (its algorithm is {meta.get('algorithm')!r}); "
+                              f"make one with: python train_rlhf.py --algo=rm")
+        self.model, _ = load_model(directory)
+        self.model = self.model.to(ctx.device).eval().requires_grad_(False)
+        self.ctx, self.path = ctx, str(directory)
+
+    @torch.no_grad()
+    def __call__(self, items: list[dict], replies: list[str], x, attention) -> torch.Tensor:
+        with self.ctx.autocast():
+            return self.model(x, attention_mask=attention, head="classify")[0][:, 0].float().cpu()
+
+
 class Rollouts(RowLoader):
-    """GRPO's data: each step, the next --batch_size questions of the verifiable families (this
-    rank's share, in RowLoader's seeded order), each answered group_size times by the current
-    policy through the engine, with the reward (1 for an exact answer, else 0) and the group
-    advantages. Sampling is seeded by (seed, step, rank, row) and the position is saved like any
-    loader's, so a resumed run rolls out the same replies."""
+    """PPO's and GRPO's data. Every rollout: the next questions (this rank's share, in RowLoader's
+    seeded order), answered by the current policy through the engine (GRPO: group_size times
+    each), scored by the reward, and turned into per-token training targets:
+    - ppo: the policy's and the reference's log-probabilities and the values of the sampled
+      tokens, per-token rewards -kl_coef (logp - ref_logp) with the score added at the last
+      token, GAE advantages (gamma 1: the episode is one reply; lambda --gae_lambda), whitened;
+    - grpo: the group advantage of each reply on every one of its tokens.
+    Then each step takes one minibatch, ppo_epochs passes over the rollout in a seeded shuffle,
+    until the objective calls stop_epochs (the KL target) or the rollout is used up.
+    Sampling is seeded by (seed, rollout, rank, row) and the rollout itself is part of the saved
+    state, so a resumed run continues exactly."""
 
     what = "questions"
 
-    def __init__(self, questions: list[dict], model, tokenizer: Tokenizer, cfg: RLHFConfig, ctx):
-        self.rows, self.model, self.tokenizer, self.cfg, self.ctx = questions, model, tokenizer, cfg, ctx
-        self._init_rows(cfg.batch_size, ctx.rank, ctx.world_size, ctx.device, cfg.seed)
-        self.step = 0
+    def __init__(self, questions: list[dict], policy, reward, reference, tokenizer: Tokenizer, cfg: RLHFConfig, ctx):
+        self.rows, self.policy, self.reward, self.reference = questions, policy, reward, reference
+        self.tokenizer, self.cfg, self.ctx = tokenizer, cfg, ctx
+        self.samples = cfg.group_size if cfg.algo == "grpo" else 1
+        self._init_rows(cfg.batch_size * cfg.minibatches, ctx.rank, ctx.world_size, ctx.device, cfg.seed)
+        self.rollout, self.buffer, self.schedule, self.stats = 0, None, [], {}
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "step": self.step}
+        return {**super().state_dict(), "rollout": self.rollout, "buffer": self.buffer, "schedule": self.schedule,
+                "stats": self.stats}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.step = int(state["step"])
+        self.rollout, self.buffer, self.schedule, self.stats = (int(state["rollout"]), state["buffer"],
+                                                                list(state["schedule"]), state["stats"])
 
-    @torch.no_grad()
-    def next_batch(self):
+    def stop_epochs(self) -> None:
+        """The policy moved far enough from the one that sampled: the next step rolls out anew."""
+        self.schedule = []
+
+    def next_batch(self) -> dict:
+        if not self.schedule:
+            self.buffer, self.stats = self.roll_out()
+            self.schedule = self.plan(len(self.buffer["x"]))
+            self.rollout += 1
+        rows = torch.tensor(self.schedule.pop(0))
+        return {**{k: v[rows].to(self.ctx.device) for k, v in self.buffer.items()}, "rollout_stats": self.stats}
+
+    def plan(self, n_rows: int) -> list[list[int]]:
+        """ppo_epochs seeded shuffles of the rollout's rows, each cut into --minibatches parts."""
+        generator = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.rollout * 104_729 + self.ctx.rank)
+        size = n_rows // self.cfg.minibatches
+        return [order[i:i + size].tolist() for _ in range(self.cfg.ppo_epochs)
+                for order in [torch.randperm(n_rows, generator=generator)] for i in range(0, n_rows, size)]
+
+    def sample(self, items: list[dict], temperature: float, seed: int, samples: int = 1):
+        """Replies to `items` (each `samples` times): the engine's completions, and the rows
+        (x, y, attention) the losses read, right-padded, with -100 outside the replies."""
         from nanofm import chat
         from nanofm.data import pad_batch
         from nanofm.engine import SamplingParams
-        items = self._next_rows()
-        g = self.cfg.group_size
-        prompts = [chat.render_prompt(self.tokenizer, item["messages"][:-1]) for item in items for _ in range(g)]
-        params = [SamplingParams(max_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                                 seed=self.cfg.seed * 1_000_003 + self.step * 10_007 + self.ctx.rank * 1009 + i)
-                  for i in range(len(prompts))]
-        engine = Engine(self.model, self.tokenizer, device=self.ctx.device, dtype=self.ctx.dtype)
-        outs = engine.generate(prompts, params)
-        self.model.train()
-        self.step += 1
-        answers = [item["messages"][-1]["content"] for item in items for _ in range(g)]
-        rewards = torch.tensor([float(instructions.exact_match(o.text, a)) for o, a in zip(outs, answers)])
-        advantages = rlhf.group_advantages(rewards.view(len(items), g)).view(-1)
-        rows = [prompt + out.token_ids for prompt, out in zip(prompts, outs)]
-        x, _ = pad_batch([r[:-1] for r in rows], value=self.tokenizer.pad_id)
+        prompts = [chat.render_prompt(self.tokenizer, item["messages"][:-1]) for item in items for _ in range(samples)]
+        params = [SamplingParams(max_tokens=self.cfg.max_new_tokens, temperature=temperature,
+                                 seed=seed * 1_000_003 + self.ctx.rank * 1009 + i) for i in range(len(prompts))]
+        outs = Engine(self.policy, self.tokenizer, device=self.ctx.device, dtype=self.ctx.dtype).generate(prompts, params)
+        self.policy.train()
+        x, attention = pad_batch([p + o.token_ids[:-1] for p, o in zip(prompts, outs)], value=self.tokenizer.pad_id)
         y, _ = pad_batch([[-100] * (len(p) - 1) + o.token_ids for p, o in zip(prompts, outs)], value=-100)
-        lengths = torch.tensor([float(len(o.token_ids)) for o in outs])
-        return tuple(t.to(self.ctx.device) for t in (x, y, advantages, rewards, lengths))
+        return outs, x.to(self.ctx.device), y.to(self.ctx.device), attention.to(self.ctx.device)
+
+    @torch.no_grad()
+    def roll_out(self) -> tuple[dict, dict]:
+        cfg, vocab = self.cfg, self.tokenizer.vocab_size
+        items = [item for item in self._next_rows() for _ in range(self.samples)]
+        outs, x, y, attention = self.sample(items[::self.samples], cfg.temperature, cfg.seed + 10_007 * self.rollout,
+                                           self.samples)
+        mask = (y != -100).float()
+        self.policy.eval()
+        with self.ctx.autocast():
+            if cfg.algo == "ppo":
+                logits, values = self.policy(x, head="values")
+            else:
+                logits, values = self.policy(x)[0], torch.zeros_like(mask)
+            logp = token_logprobs(logits, y, vocab)
+            ref_logp = token_logprobs(self.reference(x)[0], y, vocab) if self.reference is not None else logp
+        self.policy.train()
+        scores = self.reward(items, [o.text for o in outs], x, attention).to(mask.device)
+        kl = (logp - ref_logp) * mask  # k1 per token: its sum over a reply estimates KL(policy || reference)
+        if cfg.algo == "ppo":
+            rewards = -cfg.kl_coef * kl
+            last = mask.size(1) - 1 - mask.flip(1).argmax(1)  # the last generated token of each row
+            rewards[torch.arange(len(rewards)), last] += scores
+            advantages, returns = rlhf.gae(rewards, values.float() * mask, mask, gamma=1.0, lam=cfg.gae_lambda)
+            advantages = rlhf.whiten(advantages, mask)
+        else:
+            advantages = rlhf.group_advantages(scores.view(-1, self.samples)).view(-1, 1) * mask
+            returns = torch.zeros_like(mask)
+        buffer = {"x": x, "y": y, "mask": mask, "old_logp": logp * mask, "ref_logp": ref_logp * mask,
+                  "values": values.float() * mask, "advantages": advantages, "returns": returns}
+        lengths = mask.sum(1)
+        stats = {"reward": scores.mean().item(), "kl": kl.sum(1).mean().item(), "response_length": lengths.mean().item(),
+                 "stopped": sum(o.finish_reason == "stop" for o in outs) / len(outs)}
+        return {k: v.cpu() for k, v in buffer.items()}, stats
 
 
-class GRPO:
-    """The clipped policy loss on sampled replies weighted by their group advantages, plus an
-    optional k3 KL to the reference; evaluated by greedy exact match on held-out questions."""
+class PolicyGradient:
+    """PPO's and GRPO's loss on a minibatch of a rollout: the clipped policy loss on the sampled
+    tokens' advantages, plus (ppo) the clipped value loss, or (grpo, with --kl_coef) the k3 KL to
+    the reference. A minibatch whose approximate KL to the sampling policy passes 1.5 --target_kl
+    ends the rollout's epochs (after its update). Evaluated by greedy exact match on held-out
+    questions, and with a reward model by its mean score of the greedy replies."""
 
-    def __init__(self, cfg: RLHFConfig, ctx, tokenizer: Tokenizer, reference, questions: list[dict], chat_format: str):
-        self.cfg, self.ctx, self.tokenizer, self.reference = cfg, ctx, tokenizer, reference
+    def __init__(self, cfg: RLHFConfig, ctx, tokenizer: Tokenizer, rollouts: Rollouts, questions: list[dict],
+                 chat_format: str):
+        self.cfg, self.ctx, self.tokenizer, self.rollouts = cfg, ctx, tokenizer, rollouts
         self.questions, self.chat_format = questions, chat_format
 
     def loss(self, model, batch, step):
-        x, y, advantages, rewards, lengths = batch
-        logits, _ = model(x)
-        logp = token_logprobs(logits, y, self.tokenizer.vocab_size)
-        mask = (y != -100).float()
-        # one update per rollout: the old policy is this one, so the ratio is 1 and the clip guards later epochs
-        loss, stats = rlhf.ppo_policy_loss(logp, logp.detach(), advantages[:, None].expand_as(logp), mask, self.cfg.clip)
-        if self.reference is not None and self.cfg.kl_coef > 0:
-            with torch.no_grad():
-                ref_logp = token_logprobs(self.reference(x)[0], y, self.tokenizer.vocab_size)
-            kl = rlhf.masked_mean(rlhf.kl_k3(logp, ref_logp), mask)
-            loss = loss + self.cfg.kl_coef * kl
-            stats["kl"] = kl.item()
-        stats.update(reward=rewards.mean().item(), response_length=lengths.mean().item())
-        return loss, len(rewards), stats
+        cfg, mask = self.cfg, batch["mask"]
+        if cfg.algo == "ppo":
+            logits, values = model(batch["x"], head="values")
+        else:
+            logits, values = model(batch["x"])[0], None
+        logp = token_logprobs(logits, batch["y"], self.tokenizer.vocab_size)
+        loss, stats = rlhf.ppo_policy_loss(logp, batch["old_logp"], batch["advantages"], mask, cfg.clip)
+        if values is not None:
+            value_loss = rlhf.ppo_value_loss(values, batch["values"], batch["returns"], mask, cfg.value_clip)
+            loss = loss + cfg.value_coef * value_loss
+            stats["value_loss"] = value_loss.item()
+        elif cfg.kl_coef > 0:
+            kl = rlhf.masked_mean(rlhf.kl_k3(logp, batch["ref_logp"]), mask)
+            loss = loss + cfg.kl_coef * kl
+            stats["kl_k3"] = kl.item()
+        with torch.no_grad():
+            log_probs = torch.log_softmax(logits[..., :self.tokenizer.vocab_size].float(), dim=-1)
+            stats["entropy"] = rlhf.masked_mean(-(log_probs.exp() * log_probs).sum(-1), mask).item()
+        approx_kl = torch.tensor(stats["approx_kl"], device=mask.device)
+        if self.ctx.ddp:  # every rank stops the epochs at the same step
+            torch.distributed.all_reduce(approx_kl)
+            approx_kl /= self.ctx.world_size
+        stats["early_stop"] = float(cfg.target_kl > 0 and approx_kl.item() > 1.5 * cfg.target_kl)
+        if stats["early_stop"]:
+            self.rollouts.stop_epochs()
+        return loss, int(mask.sum()), {**stats, **batch["rollout_stats"]}
 
     def evaluate(self, model) -> dict:
         raw = getattr(model, "module", model)
         results = {}
         if self.questions and self.ctx.master:
             engine = Engine(raw, self.tokenizer, device=self.ctx.device, dtype=self.ctx.dtype)
-            result = tasks.instruction_task(engine, self.questions, self.chat_format)
+            results["val_exact_match"] = tasks.instruction_task(engine, self.questions, self.chat_format)["mean_exact_match"]
+            if isinstance(self.rollouts.reward, LearnedReward):
+                outs, x, _, attention = self.rollouts.sample(self.questions, 0.0, self.cfg.seed)
+                results["val_reward"] = self.rollouts.reward(self.questions, [o.text for o in outs], x, attention).mean().item()
             raw.train()
-            results["val_exact_match"] = result["mean_exact_match"]
         return results
 
 
@@ -336,19 +465,26 @@ def main(argv=None) -> dict:
     data_dir = cfg.data_dir or parent_meta.get("data_dir") or str(ROOT / "data" / "default")
     reference = parent if resume_from is None else parent_meta.get("reference")
     checkable = tuple(f for f in cfg.families if f in instructions.CHECKABLE)
-    if cfg.algo == "grpo":
+    if cfg.algo in ("ppo", "grpo"):
         if cfg.data:
-            raise ConfigError("GRPO rewards exact answers of the built-in task families; --data (preference pairs) "
-                              "is for rm and dpo")
+            raise ConfigError(f"{cfg.algo.upper()} learns from rewards of sampled replies, on the built-in questions; "
+                              f"--data (preference pairs) is for rm and dpo")
+        if cfg.algo == "ppo" and resume_from is None:
+            model = model.with_value_head()  # the critic: a scalar head on the policy's body
         model = model.to(ctx.device)
-        questions = instructions.builtin(data_dir, "train", per_family=cfg.per_family, seed=cfg.seed, families=checkable)
+        # exact answers reward only the checkable families; a reward model scores any prompt (chat included)
+        families = tuple(cfg.families) if cfg.reward_model else checkable
+        if not families:
+            raise ConfigError("--families has no checkable family for exact-answer rewards; add one or pass --reward_model")
+        questions = instructions.builtin(data_dir, "train", per_family=cfg.per_family, seed=cfg.seed, families=families)
         held_questions = instructions.builtin(data_dir, "val", per_family=cfg.val_pairs, seed=cfg.seed, families=checkable)
+        reward = LearnedReward(cfg.reward_model, tokenizer, ctx) if cfg.reward_model else ExactAnswer()
         reference_model = None
-        if cfg.kl_coef > 0:
+        if cfg.kl_coef > 0:  # the frozen starting point (on resume: the run's recorded reference)
             reference_model, _, _ = load_for_training(reference, tokenizer)
             reference_model = reference_model.to(ctx.device).eval().requires_grad_(False)
-        objective = GRPO(cfg, ctx, tokenizer, reference_model, held_questions, parent_meta.get("chat_format"))
-        train_loader = Rollouts(questions, model, tokenizer, cfg, ctx)
+        train_loader = Rollouts(questions, model, reward, reference_model, tokenizer, cfg, ctx)
+        objective = PolicyGradient(cfg, ctx, tokenizer, train_loader, held_questions, parent_meta.get("chat_format"))
         train_pairs, held_out = questions, held_questions
     else:
         train_pairs, held_out = preference_pairs(cfg, data_dir)
@@ -377,9 +513,10 @@ def main(argv=None) -> dict:
     meta = make_meta(stage="rlhf", objective="reward_model" if cfg.algo == "rm" else cfg.algo, model=models.raw.cfg,
                      config=config_to_dict(cfg), tokenizer=tokenizer.name, data_dir=data_dir, parent=parent,
                      parent_meta=parent_meta, algorithm=cfg.algo, reference=reference, data=cfg.data or ["builtin"],
-                     labels=["score"] if cfg.algo == "rm" else None)
+                     labels=["score"] if cfg.algo == "rm" else None,
+                     reward=(cfg.reward_model and str(resolve(cfg.reward_model))) or "exact_match" if cfg.algo in ("ppo", "grpo") else None)
     if ctx.master:
-        what = "questions" if cfg.algo == "grpo" else (f"pairs ({train_loader.truncated} replies cut to {cfg.seq_len} "
+        what = "questions" if cfg.algo in ("ppo", "grpo") else (f"pairs ({train_loader.truncated} replies cut to {cfg.seq_len} "
                                                        f"tokens, {train_loader.dropped} left out: the prompt fills it)")
         print(f"{cfg.algo}: {len(train_pairs):,} {what}, {len(held_out):,} held out; from {parent}")
     with tempfile.TemporaryDirectory() as scratch:

@@ -92,6 +92,8 @@ _BERT_LAYER_NAMES = {"attn.c_proj.weight": "attention.output.dense.weight", "att
 def to_hf(model: Transformer):
     """A transformers model with our weights."""
     transformers = _require_transformers()
+    if model.cfg.value_head:  # a PPO checkpoint: the policy is exported, its critic is not
+        model = model.with_value_head(False)
     cfg, ours = model.cfg, model.state_dict()
     kind = architecture(cfg)
     if kind == "gpt2":

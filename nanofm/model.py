@@ -89,6 +89,7 @@ class ModelConfig:
     head_bias: bool = False  # a bias on the output head (BERT's MLM decoder has one)
     n_classes: int = 0  # > 0 adds a classification head (fine-tuned classifiers)
     pool: str = "auto"  # what the classification head reads: auto (last real token if causal, first if not) | first | last | mean
+    value_head: bool = False  # a scalar value per position beside the LM head (PPO's critic shares the body)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
 
@@ -259,6 +260,8 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
         if cfg.n_classes:  # reads one position: the last real token (causal) or the first (bidirectional, CLS-style)
             self.cls_head = nn.Linear(cfg.n_embd, cfg.n_classes)
+        if cfg.value_head:  # PPO: the value of each prefix, read off the same hidden states as the next-token logits
+            self.value_head = nn.Linear(cfg.n_embd, 1)
         if not cfg.causal:  # BERT's MLM transform before the (tied) decoder
             self.mlm_transform = nn.Sequential(nn.Linear(cfg.n_embd, cfg.n_embd), nn.GELU(), make_norm(cfg))
         if cfg.pos == "rope":
@@ -366,10 +369,15 @@ class Transformer(nn.Module):
         """Logits [B, T, V] and, given targets (-100 = ignore), the mean cross-entropy loss. With
         targets on CUDA the fused kernel computes the loss and logits is None. head="classify"
         returns (class logits [B, n_classes], None) instead: through forward, so DDP, FSDP and
-        torch.compile see a classifier's training step as the forward it is."""
+        torch.compile see a classifier's training step as the forward it is. head="values" returns
+        (logits, values [B, T]) from one pass through the body (a model built with value_head)."""
         if head == "classify":
             return self.classify(idx, attention_mask), None
         h = self.hidden_states(idx, attention_mask, cache, positions)
+        if head == "values":
+            if not self.cfg.value_head:
+                raise ConfigError("this model has no value head (build it with value_head=True: with_value_head())")
+            return self.lm_head(h), self.value_head(h)[..., 0].float()
         if not self.cfg.causal:
             h = self.mlm_transform(h)
         if targets is not None and self.lm_head.bias is None and kernels.use_kernels(h):
@@ -409,6 +417,15 @@ class Transformer(nn.Module):
         model = Transformer(replace(self.cfg, n_classes=n_classes, pool=pool))
         state = model.state_dict()
         state.update({k: v for k, v in self.state_dict().items() if not k.startswith("cls_head")})
+        model.load_state_dict(state)
+        return model
+
+    def with_value_head(self, value_head: bool = True) -> "Transformer":
+        """A copy with a new value head (PPO's critic, initialised like the other layers), or
+        without it (value_head=False: the policy alone, for serving and export); the rest is kept."""
+        model = Transformer(replace(self.cfg, value_head=value_head))
+        state = model.state_dict()
+        state.update({k: v for k, v in self.state_dict().items() if k in state and not k.startswith("value_head")})
         model.load_state_dict(state)
         return model
 

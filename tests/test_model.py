@@ -194,3 +194,25 @@ def test_the_classification_head_reads_the_same_token_with_left_and_right_paddin
         for left in (False, True):
             idx, mask = pad_batch(rows, value=0, left=left)
             assert torch.allclose(model.classify(idx, mask), alone, atol=1e-5), (pool, left)
+
+
+def test_a_value_head_shares_the_body_and_comes_off_for_export():
+    torch.manual_seed(0)
+    lm = Transformer(ModelConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=16))
+    critic = lm.with_value_head()
+    idx = torch.randint(0, 64, (3, 10))
+    logits, values = critic(idx, head="values")
+    assert values.shape == (3, 10) and torch.equal(logits, lm(idx)[0])  # the policy is untouched by the new head
+    changed = idx.clone()
+    changed[:, 5:] = (changed[:, 5:] + 1) % 64
+    later = critic(changed, head="values")[1]
+    assert torch.equal(later[:, :5], values[:, :5]) and not torch.equal(later[:, 5:], values[:, 5:])  # causal values
+    plain = critic.with_value_head(False)
+    assert not plain.cfg.value_head and "value_head.weight" not in plain.state_dict()
+    assert torch.equal(plain(idx)[0], logits)
+    with pytest.raises(Exception, match="no value head"):
+        lm(idx, head="values")
+    pytest.importorskip("transformers")
+    from nanofm.convert import to_hf
+    hf = to_hf(critic)
+    assert torch.allclose(hf(idx).logits, logits, atol=1e-4)
