@@ -1,7 +1,9 @@
-"""Stage 6: align a fine-tuned checkpoint: a reward model, DPO (preferences) or GRPO (verifiable rewards).
+"""Stage 6: align a fine-tuned checkpoint: a reward model, DPO (preferences), PPO or GRPO (rewards).
 
     python train_rlhf.py --algo=dpo                      # DPO on the built-in pairs, from the latest out/sft
     python train_rlhf.py --algo=rm                       # a reward model (Bradley-Terry) on the same pairs
+    python train_rlhf.py --algo=ppo                      # PPO: sampled replies rewarded by exact match, KL-penalised
+    python train_rlhf.py --algo=ppo --reward_model=out/rm   # ...or scored by the reward model
     python train_rlhf.py --algo=grpo                     # GRPO: groups of sampled replies, rewarded by exact match
     python train_rlhf.py --algo=dpo --data=hh:hh.jsonl   # your pairs: jsonl, hh:, ultrafeedback:, hf:NAME
     python train_rlhf.py --init_from=resume --algo=dpo --out_dir=out/dpo   # continue a stopped run exactly
@@ -9,16 +11,22 @@
 
 What it does, top to bottom: load the chat-tuned checkpoint and its tokenizer; build preference
 pairs (nanofm/preferences.py: right vs plausibly wrong answers of the checkable families, true vs
-mismatched chat replies; or user data) with a held-out split; then
+mismatched chat replies; or user data) or questions (nanofm/instructions.py) with a held-out
+split; then
 - rm: put a scalar head on the model (the score read at the last real token) and train it so
   the chosen reply scores above the rejected one (-log sigmoid(r_c - r_r));
 - dpo: compute the reference model's log-probabilities of every reply once (the starting model,
   frozen), then train the policy on -log sigmoid(beta ((pi_c - ref_c) - (pi_r - ref_r)));
-- grpo: sample --group_size replies to each question of the verifiable families, reward exact
-  answers, weight each reply's tokens by its group advantage in the clipped policy loss;
-with the shared loop (nanofm/train.py), evaluating held-out pair accuracy (and for DPO the
-held-out exact match of the task families) as it goes. Checkpoints record their parent, the
-algorithm and, for DPO, the reference.
+- ppo: give the policy a value head; each rollout samples replies to the questions through the
+  engine, scores them (exact answer, or --reward_model), subtracts the KL penalty to the frozen
+  reference on every token, and turns that into GAE advantages (whitened) and returns; then
+  --ppo_epochs passes of --minibatches steps train the clipped policy loss + the clipped value
+  loss, stopping early if the policy drifts past --target_kl from the one that sampled;
+- grpo: sample --group_size replies to each question, reward exact answers, weight each reply's
+  tokens by its group advantage ((r - mean) / (std + eps)) in the same clipped loss;
+with the shared loop (nanofm/train.py), evaluating held-out pair accuracy (rm, dpo) or greedy
+exact match on held-out questions (dpo, ppo, grpo) as it goes. Checkpoints record their parent,
+the algorithm, the reference and (ppo, grpo) the reward.
 
 Design decisions:
 - One script for every algorithm, as for fine-tuning: the data, the checkpoint and the loop are
@@ -27,11 +35,19 @@ Design decisions:
   then dropped), and again on resume from the recorded reference: the same numbers, no second
   model in memory during training.
 - Log-probabilities are normalised over the tokenizer's ids (vocab_limit), like sampling, so
-  DPO's policy is the distribution the engine samples from.
-- GRPO's rollouts are its data loader (Rollouts): the loop, checkpoints and exact resume are the
-  shared ones, and each rollout gets one update (so the ratio is 1; the clip matters once rollouts
-  are reused for several epochs, as PPO will).
-- PPO (a value head, GAE over the KL-penalised reward) is not here yet.
+  the policy being trained is the distribution the engine samples from.
+- PPO's and GRPO's rollouts are their data loader (Rollouts): the shared loop asks for a batch,
+  the loader rolls out when its last rollout is used up and hands out its minibatches. So the
+  loop, checkpoints and exact resume (the rollout is part of the loader's state) are the shared
+  ones; the two algorithms differ only in how advantages are made and in the value loss.
+- The critic is a value head on the policy's body (one forward gives logits and values; the
+  value loss is weighted by --value_coef), not a second model: half the memory and compute, at
+  the price of the two losses sharing features. InstructGPT used a separate critic.
+- The KL early stop acts after the update that crossed 1.5 --target_kl (the loop always steps);
+  the rest of the rollout's epochs are skipped.
+- Doubt: rewards are exact match (0/1) for the verifiable families; sampling at temperature 1
+  from the tiny model rarely gets them right where greedy decoding does, so the rollouts see
+  fewer rewards than the greedy evaluation suggests.
 """
 
 from __future__ import annotations
@@ -55,7 +71,7 @@ from nanofm.data import PreferenceLoader, RowLoader  # noqa: E402
 from nanofm.engine import Engine  # noqa: E402
 from nanofm.model import Transformer, token_logprobs  # noqa: E402
 from nanofm.tokenizer import Tokenizer  # noqa: E402
-from nanofm.train import Run, TrainConfig, setup, teardown, train, wrap_model  # noqa: E402
+from nanofm.train import Run, TrainConfig, plot_metrics, setup, teardown, train, wrap_model  # noqa: E402
 
 ALGOS = ("rm", "dpo", "ppo", "grpo")
 # what a setting left out means for each algorithm: measured on the tiny default model (README, stage 6)
@@ -64,8 +80,8 @@ ALGO_DEFAULTS = {
     "dpo": {"max_iters": 300, "lr": 1e-4, "batch_size": 16},
     # ppo: rollouts of batch_size * minibatches questions, each used for ppo_epochs passes (8 steps)
     "ppo": {"max_iters": 200, "lr": 1e-4, "batch_size": 16, "minibatches": 2, "ppo_epochs": 4, "kl_coef": 0.05},
-    # grpo: batch_size questions * group_size replies per rollout, one update each (the ratio stays 1)
-    "grpo": {"max_iters": 50, "lr": 1e-4, "batch_size": 8, "minibatches": 1, "ppo_epochs": 1, "kl_coef": 0.0},
+    # grpo: rollouts of batch_size * minibatches questions * group_size replies, each used for 2 passes (4 steps)
+    "grpo": {"max_iters": 60, "lr": 3e-4, "batch_size": 8, "minibatches": 2, "ppo_epochs": 2, "kl_coef": 0.0},
 }
 
 
@@ -82,23 +98,24 @@ class RLHFConfig(TrainConfig):
     val_pairs: int = 20  # held-out pairs (questions) per family for the held-out numbers
     seq_len: int = 256  # tokens per prompt + reply; longer ones are cut (and counted)
     beta: float = 0.1  # DPO: strength of the pull towards the reference (the implicit KL coefficient)
+    sft_coef: float = 1.0  # DPO: + this x the chosen replies' NLL per token (RPO, Pang et al. 2024); 0 = plain DPO
     # PPO and GRPO: roll out, score, then ppo_epochs passes over the rollout in minibatches of batch_size questions
-    reward_model: str = ""  # ppo: a reward model (--algo=rm's out_dir) to score replies; "" = exact answers of the checkable families
+    reward_model: str = ""  # ppo: a reward model (--algo=rm's out_dir) scores replies; "" = exact answers
     group_size: int = 8  # grpo: replies per question (their mean and std make the baseline)
     temperature: float = 1.0  # sampling temperature of the rollouts
     max_new_tokens: int = 32  # longest sampled reply
-    ppo_epochs: Optional[int] = None  # passes over each rollout (ppo 4, grpo 1)
-    minibatches: Optional[int] = None  # optimizer steps per pass (ppo 2, grpo 1)
+    ppo_epochs: Optional[int] = None  # passes over each rollout (ppo 4, grpo 2)
+    minibatches: Optional[int] = None  # optimizer steps per pass (ppo 2, grpo 2)
     clip: float = 0.2  # ratio clip of the policy loss
-    target_kl: float = 0.05  # a minibatch whose approximate KL to the sampling policy passes 1.5x this ends the rollout's epochs (0: never)
-    kl_coef: Optional[float] = None  # ppo: k1 KL penalty per token folded into the reward (0.05); grpo: weight of the k3 KL in the loss (0: no reference kept)
+    target_kl: float = 0.05  # approx. KL to the sampling policy past 1.5x this ends a rollout's epochs (0: never)
+    kl_coef: Optional[float] = None  # ppo: k1 KL penalty per token in the reward (0.05); grpo: k3 KL in the loss (0)
     value_coef: float = 0.1  # ppo: weight of the value loss (the critic shares the policy's body)
     value_clip: float = 0.2  # ppo: how far a value may move from the rollout's in one update
     gae_lambda: float = 0.95  # ppo: GAE's lambda (gamma is 1: one reply is one episode)
     # the loop's defaults, for alignment (None: the algorithm's, ALGO_DEFAULTS above)
-    max_iters: Optional[int] = None  # optimizer steps (rm 500, dpo 300, ppo 200, grpo 50)
+    max_iters: Optional[int] = None  # optimizer steps (rm 500, dpo 300, ppo 200, grpo 60)
     batch_size: Optional[int] = None  # pairs (ppo, grpo: questions) per micro-step per process (rm, dpo, ppo 16; grpo 8)
-    lr: Optional[float] = None  # peak learning rate (rm 1e-3: a new head; dpo, ppo, grpo 1e-4)
+    lr: Optional[float] = None  # peak learning rate (rm 1e-3: a new head; dpo, ppo 1e-4; grpo 3e-4)
     warmup_iters: int = 10  # linear warmup steps
     eval_interval: int = 100  # evaluate every N steps (and at the end)
     weight_decay: float = 0.0  # AdamW weight decay
@@ -114,6 +131,8 @@ class RLHFConfig(TrainConfig):
             self.out_dir = f"out/{self.algo}"
         if not 0 < self.beta <= 10:
             raise ConfigError(f"--beta must be in (0, 10], got {self.beta}")
+        if not 0 <= self.sft_coef <= 100:
+            raise ConfigError(f"--sft_coef must be in [0, 100], got {self.sft_coef}")
         if not 1 <= self.per_family <= instructions.MAX_PER_FAMILY:
             raise ConfigError(f"--per_family must be in [1, {instructions.MAX_PER_FAMILY}], got {self.per_family}")
         instructions.check_families(self.families)
@@ -226,6 +245,10 @@ class DPO:
         b = len(index)
         ref = self.reference[index]
         loss, stats = rlhf.dpo_loss(logp[:b], logp[b:], ref[:, 0], ref[:, 1], self.cfg.beta)
+        if self.cfg.sft_coef > 0:  # RPO: keep the chosen replies likely (plain DPO can lower both replies)
+            nll = -logp[:b].sum() / (batch[1][:b] != -100).sum().clamp(min=1)
+            loss = loss + self.cfg.sft_coef * nll
+            stats["chosen_nll"] = nll.item()
         return loss, b, stats
 
     def evaluate(self, model) -> dict:
@@ -362,7 +385,8 @@ class Rollouts(RowLoader):
         prompts = [chat.render_prompt(self.tokenizer, item["messages"][:-1]) for item in items for _ in range(samples)]
         params = [SamplingParams(max_tokens=self.cfg.max_new_tokens, temperature=temperature,
                                  seed=seed * 1_000_003 + self.ctx.rank * 1009 + i) for i in range(len(prompts))]
-        outs = Engine(self.policy, self.tokenizer, device=self.ctx.device, dtype=self.ctx.dtype).generate(prompts, params)
+        engine = Engine(self.policy, self.tokenizer, device=self.ctx.device, dtype=self.ctx.dtype, batch_size=len(prompts))
+        outs = engine.generate(prompts, params)
         self.policy.train()
         x, attention = pad_batch([p + o.token_ids[:-1] for p, o in zip(prompts, outs)], value=self.tokenizer.pad_id)
         y, _ = pad_batch([[-100] * (len(p) - 1) + o.token_ids for p, o in zip(prompts, outs)], value=-100)
@@ -381,8 +405,9 @@ class Rollouts(RowLoader):
                 logits, values = self.policy(x, head="values")
             else:
                 logits, values = self.policy(x)[0], torch.zeros_like(mask)
-            logp = token_logprobs(logits, y, vocab)
-            ref_logp = token_logprobs(self.reference(x)[0], y, vocab) if self.reference is not None else logp
+            # the distribution that sampled (logits / temperature), for the policy and the reference alike
+            logp = token_logprobs(logits / cfg.temperature, y, vocab)
+            ref_logp = token_logprobs(self.reference(x)[0] / cfg.temperature, y, vocab)
         self.policy.train()
         scores = self.reward(items, [o.text for o in outs], x, attention).to(mask.device)
         kl = (logp - ref_logp) * mask  # k1 per token: its sum over a reply estimates KL(policy || reference)
@@ -421,6 +446,7 @@ class PolicyGradient:
             logits, values = model(batch["x"], head="values")
         else:
             logits, values = model(batch["x"])[0], None
+        logits = logits / cfg.temperature  # on-policy: the distribution the rollout sampled from
         logp = token_logprobs(logits, batch["y"], self.tokenizer.vocab_size)
         loss, stats = rlhf.ppo_policy_loss(logp, batch["old_logp"], batch["advantages"], mask, cfg.clip)
         if values is not None:
@@ -444,16 +470,22 @@ class PolicyGradient:
         return loss, int(mask.sum()), {**stats, **batch["rollout_stats"]}
 
     def evaluate(self, model) -> dict:
+        """Greedy exact match on the held-out questions (eval.py's instructions task), and the
+        held-out reward: the mean reward of VAL_SAMPLES sampled replies per question at the
+        rollouts' temperature (what training raises; fixed seeds, so every evaluation draws alike)."""
         raw = getattr(model, "module", model)
         results = {}
         if self.questions and self.ctx.master:
             engine = Engine(raw, self.tokenizer, device=self.ctx.device, dtype=self.ctx.dtype)
             results["val_exact_match"] = tasks.instruction_task(engine, self.questions, self.chat_format)["mean_exact_match"]
-            if isinstance(self.rollouts.reward, LearnedReward):
-                outs, x, _, attention = self.rollouts.sample(self.questions, 0.0, self.cfg.seed)
-                results["val_reward"] = self.rollouts.reward(self.questions, [o.text for o in outs], x, attention).mean().item()
+            items = [q for q in self.questions for _ in range(VAL_SAMPLES)]
+            outs, x, _, attention = self.rollouts.sample(self.questions, self.cfg.temperature, self.cfg.seed, VAL_SAMPLES)
+            results["val_reward"] = self.rollouts.reward(items, [o.text for o in outs], x, attention).mean().item()
             raw.train()
         return results
+
+
+VAL_SAMPLES = 4  # sampled replies per held-out question for the held-out reward
 
 
 def main(argv=None) -> dict:
@@ -479,10 +511,9 @@ def main(argv=None) -> dict:
         questions = instructions.builtin(data_dir, "train", per_family=cfg.per_family, seed=cfg.seed, families=families)
         held_questions = instructions.builtin(data_dir, "val", per_family=cfg.val_pairs, seed=cfg.seed, families=checkable)
         reward = LearnedReward(cfg.reward_model, tokenizer, ctx) if cfg.reward_model else ExactAnswer()
-        reference_model = None
-        if cfg.kl_coef > 0:  # the frozen starting point (on resume: the run's recorded reference)
-            reference_model, _, _ = load_for_training(reference, tokenizer)
-            reference_model = reference_model.to(ctx.device).eval().requires_grad_(False)
+        # the frozen starting point (on resume: the run's recorded reference): the KL is always measured
+        reference_model, _, _ = load_for_training(reference, tokenizer)
+        reference_model = reference_model.to(ctx.device).eval().requires_grad_(False)
         train_loader = Rollouts(questions, model, reward, reference_model, tokenizer, cfg, ctx)
         objective = PolicyGradient(cfg, ctx, tokenizer, train_loader, held_questions, parent_meta.get("chat_format"))
         train_pairs, held_out = questions, held_questions
@@ -510,11 +541,13 @@ def main(argv=None) -> dict:
         questions = instructions.builtin(data_dir, "val", per_family=4, seed=cfg.seed, families=checkable) if not cfg.data else []
         objective = DPO(cfg, ctx, tokenizer, ref_train, held_out, ref_held, questions, parent_meta.get("chat_format"))
     models = wrap_model(model, cfg, ctx)
+    reward_source = None
+    if cfg.algo in ("ppo", "grpo"):
+        reward_source = str(resolve(cfg.reward_model)) if cfg.reward_model else "exact_match"
     meta = make_meta(stage="rlhf", objective="reward_model" if cfg.algo == "rm" else cfg.algo, model=models.raw.cfg,
                      config=config_to_dict(cfg), tokenizer=tokenizer.name, data_dir=data_dir, parent=parent,
                      parent_meta=parent_meta, algorithm=cfg.algo, reference=reference, data=cfg.data or ["builtin"],
-                     labels=["score"] if cfg.algo == "rm" else None,
-                     reward=(cfg.reward_model and str(resolve(cfg.reward_model))) or "exact_match" if cfg.algo in ("ppo", "grpo") else None)
+                     labels=["score"] if cfg.algo == "rm" else None, reward=reward_source)
     if ctx.master:
         what = "questions" if cfg.algo in ("ppo", "grpo") else (f"pairs ({train_loader.truncated} replies cut to {cfg.seq_len} "
                                                        f"tokens, {train_loader.dropped} left out: the prompt fills it)")
@@ -523,6 +556,9 @@ def main(argv=None) -> dict:
         tokenizer.save(Path(scratch) / "tokenizer.json")
         run = Run(Path(cfg.out_dir), meta, tokenizer_path=Path(scratch) / "tokenizer.json", resume_from=resume_from)
         result = train(cfg, ctx, models, objective, train_loader, run)
+    if ctx.master and cfg.algo in ("ppo", "grpo"):  # the RL curves: is the reward rising, and at what KL and length?
+        plot_metrics({cfg.algo: run.out_dir / "metrics.jsonl"}, ["reward", "kl", "response_length", "val_exact_match"],
+                     run.out_dir / "curves.png", title=f"{cfg.algo} from {parent}")
     teardown(ctx)
     result["truncated"] = getattr(train_loader, "truncated", 0)
     return result

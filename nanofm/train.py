@@ -11,7 +11,8 @@ An objective is any object with
     sample(model) -> str | None                               # optional: text shown at each evaluation
 and a loader is anything with next_batch(), state_dict() and load_state_dict().
 
-The pieces, for loops that own their outer structure (PPO and GRPO: rollouts, then epochs):
+PPO and GRPO use this loop as it is: their loader rolls out and hands out minibatches
+(train_rlhf.Rollouts). The pieces, for a loop that must own its outer structure:
     step = OptimizerStep(cfg, ctx, models, optimizer)   # lr schedule, accumulation, DDP no-sync, clipping
     checkpointer = Checkpointer(run, cfg, ctx, models.raw, optimizer)   # atomic saves, keep K, exact resume
     logger = Logger(run.out_dir, cfg, ctx, run.meta)    # metrics.jsonl, wandb, tqdm, loss plot
@@ -513,6 +514,33 @@ def plot_losses(metrics_path: Path, out_path: Path, title: str = "") -> None:
     ax.set(xlabel="step", ylabel="loss (nats/token)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=90)
+    plt.close(fig)
+
+
+def plot_metrics(runs: dict[str, Path], keys: list[str], out_path: Path, title: str = "") -> None:
+    """One panel per metric (e.g. reward, kl, response_length), one line per run's metrics.jsonl:
+    RL curves, or several runs side by side. Metrics a run never logged are left out."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = {label: read_metrics(path) for label, path in runs.items()}
+    keys = [k for k in keys if any(k in r for rows in records.values() for r in rows)]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for label, rows in records.items():
+            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), "o-" if len(points) < 20 else "-", label=label, alpha=0.85, markersize=3)
+        ax.set(xlabel="step", title=key)
+        ax.grid(alpha=0.3)
+    if len(runs) > 1:
+        axes[0][0].legend()
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_path, dpi=90)
     plt.close(fig)

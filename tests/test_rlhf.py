@@ -175,7 +175,7 @@ RLHF_COMMON = ["--per_family=20", "--val_pairs=6", "--batch_size=8", "--seq_len=
 
 def test_dpo_starts_at_ln2_learns_the_pairs_and_records_its_reference(chat_model, tmp_path):
     result = rlhf_run("--algo=dpo", "--init_from", chat_model, "--out_dir", tmp_path / "dpo", "--max_iters=40",
-                      "--eval_interval=40", "--lr=1e-3", *RLHF_COMMON)
+                      "--eval_interval=40", "--lr=1e-3", "--sft_coef=0", *RLHF_COMMON)  # plain DPO
     records = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in records if "val_loss" in r)
     assert first["step"] == 0 and first["val_loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy = reference
@@ -184,6 +184,16 @@ def test_dpo_starts_at_ln2_learns_the_pairs_and_records_its_reference(chat_model
     meta = checkpoint.read_meta(tmp_path / "dpo")
     assert meta["algorithm"] == "dpo" and meta["stage"] == "rlhf" and meta["chat_format"] == chat.CHAT_FORMAT
     assert meta["reference"] == meta["parent"] and "sft" in meta["parent"]
+
+
+def test_dpo_with_an_sft_term_adds_the_chosen_replies_nll(chat_model, tmp_path):
+    rlhf_run("--algo=dpo", "--init_from", chat_model, "--out_dir", tmp_path / "rpo", "--max_iters=1", "--sft_coef=0.5",
+             "--eval_interval=100", *RLHF_COMMON, "--log_interval=1")
+    first = next(r for r in read_records(tmp_path / "rpo") if "train_loss" in r)
+    assert first["chosen_nll"] > 0.1  # the chosen replies are far from certain under the tiny model
+    assert first["train_loss"] == pytest.approx(math.log(2) + 0.5 * first["chosen_nll"], abs=1e-4)
+    with pytest.raises(Exception, match="--sft_coef must be in"):
+        rlhf_run("--sft_coef=-1")
 
 
 def test_dpo_resume_is_exact(chat_model, tmp_path):
@@ -247,6 +257,10 @@ def test_settings_left_out_take_the_algorithms_defaults():
     assert (rm.max_iters, rm.lr, rm.out_dir) == (500, 1e-3, "out/rm")
     assert (dpo.algo, dpo.max_iters, dpo.lr, dpo.out_dir) == ("dpo", 300, 1e-4, "out/dpo")
     assert (mine.max_iters, mine.lr, mine.out_dir) == (3, 0.01, "x")
+    ppo = parse_config(train_rlhf.RLHFConfig, ["--algo=ppo"])
+    grpo = parse_config(train_rlhf.RLHFConfig, ["--algo=grpo", "--kl_coef=0.01"])
+    assert (ppo.ppo_epochs, ppo.minibatches, ppo.kl_coef, ppo.out_dir) == (4, 2, 0.05, "out/ppo")
+    assert (grpo.ppo_epochs, grpo.kl_coef, grpo.lr) == (2, 0.01, 3e-4)
 
 
 def test_ddp_dpo_two_processes_equal_one_with_double_accumulation(chat_model, tmp_path):
@@ -346,7 +360,7 @@ def test_ppo_with_a_reward_model_reads_its_score_at_the_last_real_token(chat_mod
         assert torch.allclose(reward([{}] * 2, [""] * 2, x, attention), alone, atol=1e-5)
     result = rlhf_run("--init_from", chat_model, *PPO_ARGS, "--families=chat", "--max_iters=2",
                       "--reward_model", tmp_path / "rm", "--out_dir", tmp_path / "ppo")
-    assert "val_reward" in result and "val_exact_match" in result
+    assert -50 < result["val_reward"] < 50 and 0 <= result["val_exact_match"] <= 1
     with pytest.raises(ConfigError, match="is not a reward model"):
         rlhf_run("--init_from", chat_model, *PPO_ARGS, "--reward_model", chat_model, "--out_dir", tmp_path / "o")
     other = tmp_path / "other"
@@ -382,5 +396,7 @@ def test_a_tiny_run_raises_the_programmatic_reward(domain_model, tmp_path, algo)
     records = [r for r in read_records(tmp_path / algo) if "train_loss" in r]
     rewards = [r["reward"] for r in records]
     assert sum(rewards[-20:]) / 20 > sum(rewards[:20]) / 20 + 0.2  # measured: ppo 0.15 -> 0.6, grpo 0.2 -> 0.8
+    held = [r for r in read_records(tmp_path / algo) if "val_reward" in r]
+    assert held[-1]["val_reward"] > held[0]["val_reward"]  # on held-out questions too
     if algo == "ppo":
         assert 0 < records[-1]["kl"] < 5  # it moved from the reference, and the KL penalty keeps it near
