@@ -63,7 +63,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from nanofm import instructions, preferences, rlhf, tasks  # noqa: E402
+from nanofm import chat, instructions, preferences, rlhf, tasks  # noqa: E402
 from nanofm.checkpoint import CheckpointError, load_for_training, load_model, make_meta, read_meta, resolve  # noqa: E402
 from nanofm.common import ConfigError, run_cli  # noqa: E402
 from nanofm.config import config_to_dict, fill_unset, parse_config  # noqa: E402
@@ -379,7 +379,6 @@ class Rollouts(RowLoader):
     def sample(self, items: list[dict], temperature: float, seed: int, samples: int = 1):
         """Replies to `items` (each `samples` times): the engine's completions, and the rows
         (x, y, attention) the losses read, right-padded, with -100 outside the replies."""
-        from nanofm import chat
         from nanofm.data import pad_batch
         from nanofm.engine import SamplingParams
         prompts = [chat.render_prompt(self.tokenizer, item["messages"][:-1]) for item in items for _ in range(samples)]
@@ -510,6 +509,12 @@ def main(argv=None) -> dict:
             raise ConfigError("--families has no checkable family for exact-answer rewards; add one or pass --reward_model")
         questions = instructions.builtin(data_dir, "train", per_family=cfg.per_family, seed=cfg.seed, families=families)
         held_questions = instructions.builtin(data_dir, "val", per_family=cfg.val_pairs, seed=cfg.seed, families=checkable)
+        room = min(cfg.seq_len, model.cfg.block_size) - cfg.max_new_tokens  # a prompt must leave room for the reply
+        fits = [q for q in questions if len(chat.render_prompt(tokenizer, q["messages"][:-1])) <= room]
+        dropped, questions = len(questions) - len(fits), fits
+        held_questions = [q for q in held_questions if len(chat.render_prompt(tokenizer, q["messages"][:-1])) <= room]
+        if not questions:
+            raise ConfigError(f"no question leaves room for --max_new_tokens={cfg.max_new_tokens} in --seq_len={cfg.seq_len}")
         reward = LearnedReward(cfg.reward_model, tokenizer, ctx) if cfg.reward_model else ExactAnswer()
         # the frozen starting point (on resume: the run's recorded reference): the KL is always measured
         reference_model, _, _ = load_for_training(reference, tokenizer)
@@ -549,7 +554,7 @@ def main(argv=None) -> dict:
                      parent_meta=parent_meta, algorithm=cfg.algo, reference=reference, data=cfg.data or ["builtin"],
                      labels=["score"] if cfg.algo == "rm" else None, reward=reward_source)
     if ctx.master:
-        what = "questions" if cfg.algo in ("ppo", "grpo") else (f"pairs ({train_loader.truncated} replies cut to {cfg.seq_len} "
+        what = f"questions ({dropped} left out: too long)" if cfg.algo in ("ppo", "grpo") else (f"pairs ({train_loader.truncated} replies cut to {cfg.seq_len} "
                                                        f"tokens, {train_loader.dropped} left out: the prompt fills it)")
         print(f"{cfg.algo}: {len(train_pairs):,} {what}, {len(held_out):,} held out; from {parent}")
     with tempfile.TemporaryDirectory() as scratch:

@@ -375,6 +375,8 @@ def test_ppo_with_a_reward_model_reads_its_score_at_the_last_real_token(chat_mod
         rlhf_run("--init_from", chat_model, *PPO_ARGS, "--reward_model", other, "--out_dir", tmp_path / "o")
     with pytest.raises(ConfigError, match="--kl_coef must be in"):
         rlhf_run("--algo=ppo", "--kl_coef=-1")
+    with pytest.raises(ConfigError, match="no question leaves room for --max_new_tokens=6 in --seq_len=12"):
+        rlhf_run("--init_from", chat_model, *PPO_ARGS, "--seq_len=12", "--out_dir", tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 
