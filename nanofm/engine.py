@@ -1,18 +1,29 @@
-"""Batched generation with a KV cache, and teacher-forced scoring: the one inference engine that
-evaluation, RL and serving share.
+"""Generation with a KV cache and continuous batching, and teacher-forced scoring: the one
+inference engine that evaluation, RL and serving share.
 
     engine = Engine(model, tokenizer)
     outs = engine.generate(["Once upon a time", "User: hi\\nBot:"],
                            SamplingParams(max_tokens=50, temperature=0.8, top_p=0.95, seed=1, stop=["\\n"]))
     outs[0].text, outs[0].finish_reason                      # "stop" or "length"
-    for delta in engine.stream("Once upon a time", SamplingParams(max_tokens=50)):
+    stream = engine.stream("Once upon a time", SamplingParams(max_tokens=50))
+    for delta in stream:
         print(delta, end="", flush=True)
+    stream.completion                                        # the whole Completion afterwards
     engine.logprobs([context_ids], [continuation_ids])      # summed log-probabilities (multiple choice, RL)
 
+    batch = engine.new_batch(16)                             # what a server drives, one step at a time
+    batch.add(engine.new_row(prompt, params))                # joins at any step
+    finished = batch.step()                                  # one token for every row; done rows leave
+
 Design decisions:
-- Prompts of unequal length are left-padded into one batch; each row gets its own positions and
-  the cache remembers the padding, so a row generates exactly what it would generate alone
-  (tested: batched == one at a time, greedy and sampled).
+- Continuous batching (RunningBatch): up to batch_size requests share one KV cache; a request
+  joins at any decode step (its prompt prefilled, newcomers of one step together, left-padded)
+  and leaves the step it finishes, and its slot goes to the next one, so no request waits for
+  another. Each row has its own positions and the cache marks which columns are its own, so a
+  row generates exactly what it would generate alone (tested: batched == one at a time, greedy
+  and sampled, with requests joining mid-flight and the cache shifting under them).
+- The engine holds no request's state: a request's progress lives in its row (_Row), owned by
+  the batch, so one engine can serve many callers.
 - Every request brings its own SamplingParams (temperature, top-k, top-p, seed, max tokens, stop
   strings, stop tokens). Each row samples with its own torch.Generator, seeded per request, so a
   seed gives the same text whatever else is in the batch.
@@ -81,14 +92,154 @@ class Completion:
 
 
 class _Row:
-    """One request's progress through the batch."""
+    """One request's progress through the running batch (the request's state lives here, never on
+    the engine)."""
 
-    def __init__(self, prompt_len: int, params: SamplingParams, stop_ids: set[int], room: int, device):
-        self.params, self.stop_ids, self.prompt_len = params, stop_ids, prompt_len
-        self.budget = min(params.max_tokens, room)  # the context bounds the new tokens too
+    def __init__(self, prompt: list[int], params: SamplingParams, stop_ids: set[int], block_size: int, device,
+                 live_text: bool = False):
+        self.prompt, self.params, self.stop_ids, self.prompt_len = prompt, params, stop_ids, len(prompt)
+        self.budget = min(params.max_tokens, block_size - len(prompt))  # the context bounds the new tokens too
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.ids, self.logprobs, self.text, self.finish_reason = [], [], "", None
+        self.live_text = live_text  # keep .text current at every step (streaming)
+
+    def completion(self) -> "Completion":
+        return Completion(self.text, self.ids, self.finish_reason, self.prompt_len, self.logprobs)
+
+
+class RunningBatch:
+    """Continuous batching: requests join at any decode step and leave when they finish.
+
+        batch = RunningBatch(model, tokenizer, slots=16)
+        batch.add(row)            # prefill the prompt into a free slot (while the others wait one step)
+        finished = batch.step()   # one new token for every row; the rows that finished have left
+
+    How the slots share one KV cache: the cache is 2 x block_size columns wide, and every row's
+    tokens end at the same column, the pointer, where the next decode step writes for all rows. A
+    newcomer's prompt is prefilled alone (its own positions 0..L-1) and its keys and values are
+    copied into its row just left of the pointer; the columns before it are marked invalid, so it
+    attends only to itself, exactly as if it ran alone (the cache's `valid` mask, the mechanism
+    that already hides left padding). Each row has its own RoPE/position counter. When the
+    pointer reaches the right edge, every column moves left by block_size: a row is never longer
+    than the context, so every live token survives. A finished row frees its slot at once.
+    Doubt: a decode step attends over all 2 x block_size columns (masked), not only a row's own;
+    paged attention (vLLM) avoids that, at the price of a custom kernel.
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, slots: int, device, dtype, end_ids: list[int]):
+        self.model, self.tokenizer, self.device, self.dtype, self.end_ids = model, tokenizer, device, dtype, end_ids
+        self.block = model.cfg.block_size
+        self.cache = KVCache(model.cfg, slots, 2 * self.block, device, model.lm_head.weight.dtype)
+        self.cache.valid[:] = False
+        self.cache.padded = True  # rows start at different columns: attention always reads the mask
+        self.cache.pos = self.block  # the pointer: the next decode step writes this column
+        self.rows: list[_Row | None] = [None] * slots
+        self.next_pos = torch.zeros(slots, 1, dtype=torch.long, device=device)  # each row's next position
+        self.last_logits = torch.zeros(slots, tokenizer.vocab_size, device=device)
+
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    @property
+    def free(self) -> int:
+        return len(self.rows) - self.active
+
+    def add(self, *rows: _Row) -> None:
+        """Prefill newcomers (left-padded into one forward pass, each with its own positions) and
+        give each a free slot; the caller checks .free first."""
+        if len(rows) > self.free:
+            raise ConfigError(f"{len(rows)} requests but {self.free} free slots")
+        ids, mask = pad_batch([row.prompt for row in rows], left=True)
+        ids, mask, width = ids.to(self.device), mask.to(self.device), ids.size(1)
+        alone = KVCache(self.model.cfg, len(rows), width, self.device, self.cache.k.dtype)
+        with torch.no_grad(), autocast(self.device, self.dtype):
+            logits, _ = self.model(ids, attention_mask=mask, cache=alone, positions=(mask.cumsum(1) - 1).clamp(min=0))
+        pointer = self.cache.pos
+        for i, row in enumerate(rows):
+            slot, n = self.rows.index(None), row.prompt_len
+            self.cache.k[:, slot, :, pointer - n:pointer] = alone.k[:, i, :, width - n:]
+            self.cache.v[:, slot, :, pointer - n:pointer] = alone.v[:, i, :, width - n:]
+            self.cache.valid[slot] = False
+            self.cache.valid[slot, pointer - n:pointer] = True
+            self.next_pos[slot] = n
+            self.last_logits[slot] = logits[i, -1, :self.tokenizer.vocab_size].float()
+            self.rows[slot] = row
+        self._narrow()
+
+    def _narrow(self) -> None:
+        """Attention reads only from the first column a live row uses (a decode step then costs
+        the longest live row, not the cache's width)."""
+        live = [b for b, row in enumerate(self.rows) if row is not None]
+        firsts = self.cache.valid[live].int().argmax(1) if live else None
+        self.cache.start = int(firsts.min()) if live else self.cache.pos
+
+    def cancel(self, row: _Row) -> None:
+        """Take a row out (a client that went away); its slot is free for the next request."""
+        if row in self.rows:
+            self._free(self.rows.index(row))
+
+    def _free(self, slot: int) -> None:
+        self.rows[slot] = None
+        self.cache.valid[slot] = False
+        self._narrow()
+
+    @torch.no_grad()
+    def step(self) -> list[_Row]:
+        """Sample one token for every row, retire the rows that finished, then one forward pass
+        of the rest. Returns the rows that finished in this step."""
+        live = [(b, row) for b, row in enumerate(self.rows) if row is not None]
+        if not live:
+            return []
+        tokens = torch.zeros(len(self.rows), dtype=torch.long, device=self.device)
+        for b, row in live:
+            p = row.params
+            tokens[b] = sample_next(self.last_logits[b:b + 1], p.temperature, p.top_k, p.top_p, row.generator)[0, 0]
+        chosen_logprobs = token_logprobs(self.last_logits, tokens).tolist()
+        finished = []
+        for b, row in live:
+            token = int(tokens[b])
+            row.ids.append(token)
+            row.logprobs.append(chosen_logprobs[b])
+            if _advance(row, token, self.tokenizer):
+                finished.append(row)
+                self._free(b)
+        if self.active:
+            if self.cache.pos == self.cache.max_len:  # the pointer is at the edge: move every column left
+                self._shift_left(self.block)
+            alive = torch.tensor([[int(r is not None)] for r in self.rows], device=self.device)
+            with autocast(self.device, self.dtype):
+                logits, _ = self.model(tokens[:, None], attention_mask=alive, cache=self.cache,
+                                       positions=self.next_pos.clamp(max=self.block - 1))
+            self.next_pos += 1
+            self.last_logits = logits[:, -1, :self.tokenizer.vocab_size].float()
+        return finished
+
+    def _shift_left(self, n: int) -> None:
+        cache = self.cache
+        cache.k[:, :, :, :-n] = cache.k[:, :, :, n:].clone()
+        cache.v[:, :, :, :-n] = cache.v[:, :, :, n:].clone()
+        cache.valid[:, :-n] = cache.valid[:, n:].clone()
+        cache.valid[:, -n:] = False
+        cache.pos -= n
+        self._narrow()
+
+
+def _advance(row: _Row, token: int, tokenizer: Tokenizer) -> bool:
+    """Apply the stop rules after `token` joined the row; True when the row is finished."""
+    p = row.params
+    done = token in row.stop_ids or len(row.ids) >= row.budget
+    if p.stop or row.live_text or done:  # decoding every step costs time: only when something reads it
+        row.text = tokenizer.decode([t for t in row.ids if t not in row.stop_ids])
+    hits = [row.text.index(s) for s in p.stop if s in row.text]
+    if hits:  # the text ends before the stop string; tokens after it are dropped
+        row.text, row.finish_reason = row.text[:min(hits)], "stop"
+    elif token in row.stop_ids:
+        row.finish_reason = "stop"
+    elif len(row.ids) >= row.budget:
+        row.finish_reason = "length"
+    return row.finish_reason is not None
 
 
 class Engine:
@@ -131,92 +282,37 @@ class Engine:
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  progress: bool = False) -> list[Completion]:
+        """Completions of every prompt, in order. Up to batch_size run at once; a finished one's
+        slot goes to the next waiting prompt at the next step (continuous batching)."""
         params = params or SamplingParams()
         per_request = params if isinstance(params, list) else [params] * len(prompts)
         if len(per_request) != len(prompts):
             raise ConfigError(f"{len(prompts)} prompts but {len(per_request)} sampling parameters")
-        encoded = [self.encode_prompt(p) for p in prompts]
-        results: list[Completion] = []
-        for start in tqdm(range(0, len(encoded), self.batch_size), desc="generate", disable=not progress):
-            rows = None
-            for rows in self._run(encoded[start:start + self.batch_size], per_request[start:start + self.batch_size]):
-                pass
-            results += [Completion(r.text, r.ids, r.finish_reason, r.prompt_len, r.logprobs) for r in rows]
-        return results
+        rows = [self.new_row(p, sp) for p, sp in zip(prompts, per_request)]
+        waiting = list(reversed(rows))
+        with self._eval_mode(), tqdm(total=len(rows), desc="generate", disable=not progress) as bar:
+            batch = self.new_batch(min(self.batch_size, len(rows)))
+            while waiting or batch.active:
+                if waiting and batch.free:  # newcomers take the free slots, prefilled together
+                    batch.add(*[waiting.pop() for _ in range(min(batch.free, len(waiting)))])
+                bar.update(len(batch.step()))
+        return [row.completion() for row in rows]
 
-    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
-        """Text deltas of one completion as they become safe to show; `last_completion` holds the
-        whole Completion afterwards."""
-        params = params or SamplingParams()
-        shown = 0
-        for (row,) in self._run([self.encode_prompt(prompt)], [params], live_text=True):
-            safe = row.text if row.finish_reason else self._safe_prefix(row)
-            if len(safe) > shown:
-                yield safe[shown:]
-                shown = len(safe)
-        self.last_completion = Completion(row.text, row.ids, row.finish_reason, row.prompt_len, row.logprobs)
+    def new_row(self, prompt: str | list[int], params: SamplingParams, live_text: bool = False) -> _Row:
+        """A request, ready to join a RunningBatch (checks the prompt and the settings)."""
+        stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None else self.end_ids)
+        return _Row(self.encode_prompt(prompt), params, stop_ids, self.model.cfg.block_size, self.device, live_text)
 
-    def _safe_prefix(self, row: _Row) -> str:
-        text = row.text.rstrip("\ufffd")  # a character whose bytes have not all arrived yet
-        for stop in row.params.stop:  # hold back what may become a stop string
-            for k in range(min(len(stop) - 1, len(text)), 0, -1):
-                if text.endswith(stop[:k]):
-                    text = text[:-k]
-                    break
-        return text
+    def new_batch(self, slots: int | None = None) -> RunningBatch:
+        """An empty running batch on this engine's model (the server keeps one and feeds it)."""
+        return RunningBatch(self.model, self.tokenizer, slots or self.batch_size, self.device, self.dtype, self.end_ids)
 
-    def _run(self, prompts: list[list[int]], params: list[SamplingParams], live_text: bool = False) -> Iterator[list[_Row]]:
-        """Generate for one batch, yielding the rows after every step (with live_text, each row's
-        text is kept current at every step, for streaming)."""
-        with self._eval_mode():
-            yield from self._decode(prompts, params, live_text)
-
-    @torch.no_grad()
-    def _decode(self, prompts: list[list[int]], params: list[SamplingParams], live_text: bool) -> Iterator[list[_Row]]:
-        model, device, block = self.model, self.device, self.model.cfg.block_size
-        vocab = self.tokenizer.vocab_size
-        rows = [_Row(len(ids), p, set(p.stop_token_ids if p.stop_token_ids is not None else self.end_ids),
-                     block - len(ids), device) for ids, p in zip(prompts, params)]
-        B, L = len(prompts), max(map(len, prompts))
-        steps = max(r.budget for r in rows)
-        idx, mask = pad_batch(prompts, left=True)  # every prompt ends at column L - 1
-        idx, mask = idx.to(device), mask.to(device)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = KVCache(model.cfg, B, L + steps, device, model.lm_head.weight.dtype)
-        with self._autocast():
-            logits, _ = model(idx, attention_mask=mask, cache=cache, positions=positions)
-        next_pos = positions[:, -1:] + 1
-        for _ in range(steps):
-            last = logits[:, -1, :vocab].float()
-            tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
-            for b, row in enumerate(rows):
-                if not row.finish_reason:
-                    p = row.params
-                    tokens[b, 0] = sample_next(last[b:b + 1], p.temperature, p.top_k, p.top_p, row.generator)[0, 0]
-            chosen_logprobs = token_logprobs(last, tokens[:, 0]).tolist()
-            for b, row in enumerate(rows):
-                if row.finish_reason:
-                    continue
-                p, token = row.params, int(tokens[b, 0])
-                row.ids.append(token)
-                row.logprobs.append(chosen_logprobs[b])
-                done = token in row.stop_ids or len(row.ids) >= row.budget
-                if p.stop or live_text or done:  # decoding every step costs time: only when something reads it
-                    row.text = self.tokenizer.decode([t for t in row.ids if t not in row.stop_ids])
-                hits = [row.text.index(s) for s in p.stop if s in row.text]
-                if hits:  # the text ends before the stop string; tokens after it are dropped
-                    row.text, row.finish_reason = row.text[:min(hits)], "stop"
-                elif token in row.stop_ids:
-                    row.finish_reason = "stop"
-                elif len(row.ids) >= row.budget:
-                    row.finish_reason = "length"
-            yield rows
-            if all(r.finish_reason for r in rows):
-                return
-            alive = torch.tensor([[0 if r.finish_reason else 1] for r in rows], device=device)
-            with self._autocast():
-                logits, _ = model(tokens, attention_mask=alive, cache=cache, positions=next_pos.clamp(max=block - 1))
-            next_pos = next_pos + 1
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> "Stream":
+        """Text deltas of one completion as they become safe to show:
+            stream = engine.stream("Once upon a time", params)
+            for delta in stream: print(delta, end="")
+            stream.completion    # the whole Completion, once the loop has ended"""
+        return Stream(self, self.new_row(prompt, params or SamplingParams(), live_text=True))
 
     # ---------------------------------------------------------- scoring
 
@@ -254,3 +350,38 @@ class Engine:
             else:
                 results += [(float(picked[b].sum()), n) for b, (_, n) in enumerate(pairs)]
         return results
+
+
+def safe_prefix(row: _Row) -> str:
+    """The part of a row's text that may be shown: never half a UTF-8 character (bytes that do
+    not decode yet), never the start of a stop string that may still complete."""
+    if row.finish_reason:
+        return row.text
+    text = row.text.rstrip("\ufffd")  # a character whose bytes have not all arrived yet
+    for stop in row.params.stop:  # hold back what may become a stop string
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                text = text[:-k]
+                break
+    return text
+
+
+class Stream:
+    """One completion's text deltas (iterate), then `.completion`. It runs its own one-row batch;
+    the server instead feeds every request into one shared RunningBatch."""
+
+    def __init__(self, engine: Engine, row: _Row):
+        self.engine, self.row, self.completion = engine, row, None
+
+    def __iter__(self) -> Iterator[str]:
+        shown = 0
+        with self.engine._eval_mode():
+            batch = self.engine.new_batch(1)
+            batch.add(self.row)
+            while batch.active:
+                batch.step()
+                safe = safe_prefix(self.row)
+                if len(safe) > shown:
+                    yield safe[shown:]
+                    shown = len(safe)
+        self.completion = self.row.completion()

@@ -165,12 +165,13 @@ class KVCache:
         self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
         self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.pos, self.max_len, self.padded = 0, max_len, False
+        self.start = 0  # attention reads columns start..pos (continuous batching skips the columns no row uses)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = k.size(2)
         self.k[layer, :, :, self.pos:self.pos + t] = k
         self.v[layer, :, :, self.pos:self.pos + t] = v
-        return self.k[layer, :, :, :self.pos + t], self.v[layer, :, :, :self.pos + t]
+        return self.k[layer, :, :, self.start:self.pos + t], self.v[layer, :, :, self.start:self.pos + t]
 
 
 class Attention(nn.Module):
@@ -348,10 +349,10 @@ class Transformer(nn.Module):
             cache.padded = cache.padded or not bool(attention_mask.bool().all())
         if cache is not None and cache.padded:  # padding somewhere in the cache: an explicit [B, 1, T, keys] mask
             query_pos = torch.arange(start, start + T, device=idx.device)[:, None]
-            key_pos = torch.arange(start + T, device=idx.device)[None, :]
+            key_pos = torch.arange(cache.start, start + T, device=idx.device)[None, :]
             allowed = key_pos <= query_pos if cfg.causal else torch.ones_like(key_pos, dtype=torch.bool)
             # a padding query still sees itself, so no row is all -inf (that would make NaNs)
-            attn_mask = (cache.valid[:, None, None, :start + T] & allowed) | (key_pos == query_pos)
+            attn_mask = (cache.valid[:, None, None, cache.start:start + T] & allowed) | (key_pos == query_pos)
         elif attention_mask is not None and cache is None:  # keys that are padding are hidden from every query
             keys = attention_mask.bool()[:, None, None, :]
             if cfg.causal:

@@ -82,10 +82,11 @@ def test_stream_deltas_are_safe_prefixes(tok):
         params = SamplingParams(max_tokens=40, temperature=1.5, seed=seed, stop=["e t", "\n"], stop_token_ids=[])
         final = engine.generate(["naïve café"], params)[0].text
         shown = ""
-        for delta in engine.stream("naïve café", params):
+        stream = engine.stream("naïve café", params)
+        for delta in stream:
             shown += delta
             assert final.startswith(shown)  # nothing shown is ever taken back (no half characters, no stop text)
-        assert shown == final == engine.last_completion.text
+        assert shown == final == stream.completion.text
 
 
 def test_logprobs_are_the_models(tok):
@@ -117,3 +118,51 @@ def test_bad_parameters(tok):
         Engine(make_model(tok, causal=False), tok)
     with pytest.raises(ValueError, match="2 prompts but 1"):
         Engine(make_model(tok), tok).generate(["a", "b"], [SamplingParams()])
+
+
+def test_continuous_batching_requests_join_mid_flight_and_leave_when_done(tok):
+    engine = Engine(make_model(tok), tok)
+    params = [SamplingParams(max_tokens=n, temperature=1.0, seed=i, stop_token_ids=[]) for i, n in enumerate((20, 3, 12))]
+    alone = [engine.generate([p], [sp])[0] for p, sp in zip(PROMPTS, params)]
+    rows = [engine.new_row(p, sp) for p, sp in zip(PROMPTS, params)]
+    batch = engine.new_batch(2)
+    batch.add(rows[0])
+    for _ in range(5):
+        assert batch.step() == []
+    batch.add(rows[1])  # joins while row 0 is at its 6th token
+    finished_at = {}
+    for step in range(6, 40):
+        for row in batch.step():
+            finished_at[rows.index(row)] = step
+        if batch.free and rows[2] not in batch.rows and 2 not in finished_at:
+            batch.add(rows[2])  # takes the slot row 1 left
+        if not batch.active:
+            break
+    assert finished_at[1] < finished_at[0]  # the short request left first; nobody waited for the long one
+    assert [r.completion().token_ids for r in rows] == [c.token_ids for c in alone]
+
+
+def test_the_shared_cache_shifts_left_and_a_cancelled_request_frees_its_slot(tok):
+    engine = Engine(make_model(tok), tok, batch_size=2)
+    prompts = [f"{p} {i}" for i in range(3) for p in PROMPTS]  # 12 requests through 2 slots: far more steps than columns
+    params = [SamplingParams(max_tokens=25, temperature=0.8, seed=i, stop_token_ids=[]) for i in range(len(prompts))]
+    batched = engine.generate(prompts, params)
+    alone = [engine.generate([p], [sp])[0] for p, sp in zip(prompts, params)]
+    assert [c.token_ids for c in batched] == [c.token_ids for c in alone]
+    batch = engine.new_batch(2)
+    again = SamplingParams(max_tokens=25, temperature=0.8, seed=0, stop_token_ids=[])
+    expected = engine.generate([PROMPTS[0]], [again])[0].token_ids
+    second = engine.new_row(PROMPTS[1], params[1])
+    batch.add(engine.new_row(PROMPTS[0], again))
+    batch.add(second)
+    shifts, done = 0, []
+    for _ in range(200):  # keep one slot busy for > 2 x block_size steps: the pointer must wrap
+        before = batch.cache.pos
+        done += batch.step()
+        shifts += batch.cache.pos < before
+        if second in batch.rows:
+            batch.cancel(second)
+        if batch.free == 2:
+            batch.add(engine.new_row(PROMPTS[0], again))
+    assert shifts >= 2 and second.finish_reason is None and second not in batch.rows  # cancelled, not finished
+    assert len(done) >= 7 and all(row.ids == expected for row in done)  # still exact across the shifts
