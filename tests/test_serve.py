@@ -1,0 +1,142 @@
+"""serve.py: a real server on 127.0.0.1 driven by the official openai client; the scheduler's
+continuous batching behind it; OpenAI-style 400s for bad input."""
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from nanofm import chat
+from nanofm.engine import Engine, SamplingParams
+from nanofm.scheduler import Scheduler
+from test_engine import PROMPTS, make_model, tok  # noqa: F401  (the engine tests' tokenizer fixture)
+
+openai = pytest.importorskip("openai", reason="the serving tests use the official openai client (requirements-test.txt)")
+uvicorn = pytest.importorskip("uvicorn", reason="serve.py needs uvicorn and fastapi (requirements.txt)")
+
+
+def start(app):
+    """Run `app` with uvicorn on a free port of 127.0.0.1 in a thread; returns (base url, server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    for _ in range(200):
+        if server.started:
+            return f"http://127.0.0.1:{port}", server
+        time.sleep(0.05)
+    raise RuntimeError("the server did not start")
+
+
+@pytest.fixture(scope="module")
+def served(tok):  # noqa: F811
+    import serve
+    engine = Engine(make_model(tok), tok, batch_size=4)
+    url, server = start(serve.make_app(engine, "tiny", chat.CHAT_FORMAT, slots=4))
+    base_url, base_server = start(serve.make_app(Engine(make_model(tok), tok), "base", None, slots=2))
+    yield {"url": url, "engine": engine, "base_url": base_url}
+    server.should_exit = base_server.should_exit = True
+
+
+def post(url, body, raw: bytes | None = None):
+    request = urllib.request.Request(url, data=raw if raw is not None else json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_the_openai_client_works_unchanged(served):
+    client = openai.OpenAI(base_url=served["url"] + "/v1", api_key="unused")
+    engine = served["engine"]
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    out = client.completions.create(model="tiny", prompt="The river", max_tokens=8, temperature=0)
+    expected = engine.generate(["The river"], SamplingParams(max_tokens=8, temperature=0))[0]
+    assert out.choices[0].text == expected.text and out.choices[0].finish_reason == expected.finish_reason
+    assert out.usage.completion_tokens == len(expected.token_ids)
+    assert out.usage.prompt_tokens == len(engine.encode_prompt("The river"))
+    messages = [{"role": "user", "content": "Quiet and early the"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0.9, seed=3)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0.9,
+                                                 seed=3, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed == whole.choices[0].message.content  # the same seed, streamed or not
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason in ("stop", "length")
+    prompt_ids = chat.render_prompt(engine.tokenizer, messages)
+    alone = engine.generate([prompt_ids], SamplingParams(max_tokens=12, temperature=0.9, seed=3))[0]
+    assert whole.choices[0].message.content == alone.text
+    two = client.completions.create(model="tiny", prompt="A", max_tokens=6, temperature=1.0, seed=5, n=2)
+    assert [c.index for c in two.choices] == [0, 1] and two.usage.completion_tokens > 0
+
+
+def test_concurrent_streams_are_batched_and_each_equals_its_request_alone(served):
+    client = openai.OpenAI(base_url=served["url"] + "/v1", api_key="unused")
+    engine, results = served["engine"], {}
+
+    def ask(i):  # 8 streams through 4 slots: they join and leave the running batch at different steps
+        stream = client.completions.create(model="tiny", prompt=PROMPTS[i % 4], max_tokens=4 + 3 * i,
+                                           temperature=1.0, seed=i, stream=True)
+        results[i] = "".join(chunk.choices[0].text for chunk in stream)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i in range(8):
+        alone = engine.generate([PROMPTS[i % 4]], SamplingParams(max_tokens=4 + 3 * i, temperature=1.0, seed=i))[0]
+        assert results[i] == alone.text
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("/v1/completions", {"model": "nope", "prompt": "a"}, 404, "model"),
+    ("/v1/completions", {"model": "tiny", "prompt": "a", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"model": "tiny", "prompt": "a", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": -5}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": "word " * 200}, 400, "prompt"),  # longer than the context
+    ("/v1/completions", {"model": "tiny", "prompt": "a", "stop": ["x"] * 100}, 400, "stop"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages"),
+])
+def test_bad_requests_get_openai_style_errors(served, path, body, status, param):
+    code, answer = post(served["url"] + path, body)
+    assert code == status and answer["error"]["param"] == param and answer["error"]["message"]
+
+
+def test_invalid_json_and_a_base_model_asked_to_chat(served):
+    code, answer = post(served["url"] + "/v1/completions", None, raw=b"{not json")
+    assert code == 400 and answer["error"]["type"] == "invalid_request_error"
+    code, answer = post(served["base_url"] + "/v1/chat/completions",
+                        {"model": "base", "messages": [{"role": "user", "content": "hi"}]})
+    assert code == 400 and "not a chat model" in answer["error"]["message"] and "/v1/completions" in answer["error"]["message"]
+    code, answer = post(served["base_url"] + "/v1/completions", {"model": "base", "prompt": "The river", "max_tokens": 3})
+    assert code == 200 and answer["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_the_scheduler_cancels_a_request_and_keeps_serving(tok):  # noqa: F811
+    model = make_model(tok)
+    model.register_forward_pre_hook(lambda module, args: time.sleep(0.01))  # 60 tokens take > 0.6 s
+    engine = Engine(model, tok)
+    scheduler = Scheduler(engine, slots=1)
+    events, done = [], threading.Event()
+    long = scheduler.submit(engine.new_row("The river", SamplingParams(max_tokens=60, stop_token_ids=[], seed=1)),
+                            lambda d, c, e: events.append(("long", d, c)))
+    time.sleep(0.1)
+    scheduler.cancel(long)  # the only slot: the next request gets it only if the cancel frees it
+    scheduler.submit(engine.new_row("A", SamplingParams(max_tokens=3, stop_token_ids=[], seed=2)),
+                     lambda d, c, e: (events.append(("short", d, c)), c and done.set()))
+    assert done.wait(20)
+    scheduler.close()
+    assert any(name == "long" and d for name, d, _ in events)  # it had started...
+    assert not any(name == "long" and c is not None for name, _, c in events)  # ...and never completed
+    assert [c for name, _, c in events if name == "short" and c][0].finish_reason == "length"
