@@ -14,6 +14,8 @@ batch; requests join and leave at any step), and answer
 - POST /v1/chat/completions       chat, rendered with the checkpoint's chat format (a base model
                                   without one gets a 400 that says to use /v1/completions);
 - GET  /health                    ok, and what is loaded;
+- GET  /metrics                   Prometheus text: requests, tokens, latency, queue, batch size;
+- POST /v1/feedback               {"request_id", "rating": "up" | "down" | 1..5, "comment"};
 both POSTs with or without streaming (server-sent events, `data: {json}` chunks, the first
 chat delta carrying the role, then `data: [DONE]`), with temperature, top_p, top_k, max_tokens,
 stop, seed and n, finish_reason stop/length, and usage.
@@ -24,8 +26,11 @@ Design decisions:
 - Bad input gets a 400 with OpenAI's error body ({"error": {"message", "type", "param", "code"}}),
   never a 500: pydantic checks the shapes and ranges, the engine the prompt's length.
 - Binds 127.0.0.1 unless --host says otherwise.
-- Not here yet (issue 13 goes on): the interaction log, /metrics, feedback, reload, the web page,
-  limits and API keys, the int8 export.
+- Every request (prompt or messages, output, settings, latency, token counts) is written to the
+  interaction log (nanofm/interactions.py, SQLite in WAL mode) before the client gets the end of
+  its answer; POST /v1/feedback joins a rating to a request id. GET /metrics counts requests,
+  tokens and latency, and reports the queue and the running batch, in Prometheus' text format.
+- Not here yet (issue 13 goes on): reload, the web page, limits and API keys, the int8 export.
 """
 
 from __future__ import annotations
@@ -45,14 +50,15 @@ sys.path.insert(0, str(ROOT))
 
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
-from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
-from pydantic import BaseModel, Field  # noqa: E402
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse  # noqa: E402
+from pydantic import BaseModel, Field, field_validator  # noqa: E402
 
 from nanofm import chat  # noqa: E402
 from nanofm.checkpoint import load_for_inference, resolve  # noqa: E402
 from nanofm.common import NanofmError, pick_device, run_cli  # noqa: E402
 from nanofm.config import parse_config  # noqa: E402
 from nanofm.engine import Engine, SamplingParams  # noqa: E402
+from nanofm.interactions import InteractionLog  # noqa: E402
 from nanofm.scheduler import Scheduler  # noqa: E402
 
 
@@ -64,6 +70,7 @@ class ServeConfig:
     port: int = 8000
     slots: int = 16  # requests decoded together (the running batch)
     device: str = "auto"  # auto | cpu | cuda | mps
+    log: str = "out/serve/interactions.db"  # the interaction log (SQLite, WAL); "" = keep none
 
 
 # ------------------------------------------------------------------ request shapes (OpenAI's)
@@ -94,6 +101,19 @@ class ChatRequest(Sampling):
     messages: list[Message] = Field(..., min_length=1)
 
 
+class Feedback(BaseModel):
+    request_id: str = Field(..., min_length=1, max_length=200)
+    rating: Union[Literal["up", "down"], int]  # thumbs up/down, or 1..5 stars
+    comment: Optional[str] = Field(None, max_length=4000)
+
+    @field_validator("rating")
+    @classmethod
+    def _stars(cls, value):
+        if isinstance(value, int) and not 1 <= value <= 5:
+            raise ValueError("a rating is 'up', 'down' or 1..5")
+        return value
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
         super().__init__(message)
@@ -105,19 +125,86 @@ def error_response(status: int, message: str, param: str | None = None, kind: st
                                                                "code": None}})
 
 
+# ------------------------------------------------------------------ /metrics (Prometheus text format)
+
+class Metrics:
+    """Counters and histograms in Prometheus' text exposition format, written out by hand (a
+    dozen lines; the format is the lesson, a client library would hide it)."""
+
+    BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+    def __init__(self):
+        self.requests: dict[tuple[str, int], int] = {}  # (path, status) -> count
+        self.tokens = {"prompt": 0, "completion": 0}
+        self.latency = {"count": 0, "sum": 0.0, "buckets": [0] * len(self.BUCKETS)}
+
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
+        if path.startswith("/v1/") and path.endswith("completions"):
+            self.latency["count"] += 1
+            self.latency["sum"] += seconds
+            for i, bound in enumerate(self.BUCKETS):
+                self.latency["buckets"][i] += seconds <= bound
+
+    def render(self, scheduler_stats: dict) -> str:
+        lines = ["# HELP nanofm_requests_total HTTP requests by path and status.", "# TYPE nanofm_requests_total counter"]
+        lines += [f'nanofm_requests_total{{path="{p}",status="{s}"}} {n}' for (p, s), n in sorted(self.requests.items())]
+        lines += ["# HELP nanofm_tokens_total Tokens read (prompt) and written (completion).",
+                  "# TYPE nanofm_tokens_total counter"]
+        lines += [f'nanofm_tokens_total{{kind="{k}"}} {n}' for k, n in self.tokens.items()]
+        lines += ["# HELP nanofm_request_latency_seconds Time from a completion request to its last byte.",
+                  "# TYPE nanofm_request_latency_seconds histogram"]
+        lines += [f'nanofm_request_latency_seconds_bucket{{le="{b}"}} {n}' for b, n in zip(self.BUCKETS, self.latency["buckets"])]
+        lines += [f'nanofm_request_latency_seconds_bucket{{le="+Inf"}} {self.latency["count"]}',
+                  f'nanofm_request_latency_seconds_sum {self.latency["sum"]:.6f}',
+                  f'nanofm_request_latency_seconds_count {self.latency["count"]}']
+        lines += ["# HELP nanofm_queue_depth Requests waiting for a slot.", "# TYPE nanofm_queue_depth gauge",
+                  f"nanofm_queue_depth {scheduler_stats['waiting']}",
+                  "# HELP nanofm_running_batch_size Requests in the running batch.", "# TYPE nanofm_running_batch_size gauge",
+                  f"nanofm_running_batch_size {scheduler_stats['running']}"]
+        return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------ the app
 
-def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16) -> FastAPI:
+def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16, log: InteractionLog | None = None,
+             checkpoint: str | None = None) -> FastAPI:
+    """The API for one engine; `log` (an InteractionLog) keeps every request and rating."""
     scheduler = Scheduler(engine, slots=slots)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         scheduler.close()  # the decode thread stops with the server
+        if log is not None:
+            log.close()
 
     app = FastAPI(title="nanofm", description="OpenAI-compatible API for a nanofm checkpoint", lifespan=lifespan)
     app.state.scheduler = scheduler
+    metrics = Metrics()
     created = int(time.time())
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        if isinstance(response, StreamingResponse):  # a stream's latency ends with its last event
+            body = response.body_iterator
+
+            async def timed():
+                try:
+                    async for part in body:
+                        yield part
+                finally:
+                    metrics.observe(request.url.path, response.status_code, time.perf_counter() - started)
+            response.body_iterator = timed()
+        else:
+            metrics.observe(request.url.path, response.status_code, time.perf_counter() - started)
+        return response
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def prometheus():
+        return metrics.render(scheduler.stats)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -156,91 +243,126 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
         except NanofmError as exc:  # the prompt does not fit the context, or bad settings
             raise APIError(400, str(exc), "prompt") from None
 
-    async def run(rows) -> list:
-        """Submit the rows and collect each one's events: an asyncio queue per row, fed from the
-        scheduler's thread."""
+    def usage(rows, completions) -> dict:
+        prompt = rows[0].prompt_len
+        generated = sum(len(c.token_ids) for c in completions if c is not None)
+        return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+    def log_request(rid, endpoint, body: Sampling, prompt, rows, texts, completions, started, finish) -> None:
+        """One row per request, committed before the client sees the end of its answer."""
+        counts = usage(rows, completions)
+        metrics.tokens["prompt"] += counts["prompt_tokens"]
+        metrics.tokens["completion"] += counts["completion_tokens"]
+        if log is None:
+            return
+        settings = body.model_dump(exclude={"model", "prompt", "messages"})
+        log.record_request({"id": rid, "created": started, "model": name, "checkpoint": checkpoint, "endpoint": endpoint,
+                            "prompt": prompt, "output": texts, "settings": settings,
+                            "latency_ms": round(1000 * (time.time() - started), 2),
+                            **{k: v for k, v in usage(rows, completions).items() if k != "total_tokens"},
+                            "finish_reason": finish})
+
+    async def answer(endpoint: str, body: Sampling, prompt, prompt_ids):
+        """Submit the n rows of one request to the scheduler and answer: a JSON body, or a stream
+        of server-sent events (every row's deltas as they come, index = the row, then [DONE]).
+        Each row's events arrive on an asyncio queue fed from the scheduler's thread; a client
+        that goes away cancels its rows (their slots are free at the next step)."""
+        check_model(body)
+        started = time.time()
+        rows = rows_for(body, prompt_ids)
+        rid = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         loop = asyncio.get_running_loop()
         queues = []
         for row in rows:
             q: asyncio.Queue = asyncio.Queue()
             scheduler.submit(row, lambda d, c, e, q=q: loop.call_soon_threadsafe(q.put_nowait, (d, c, e)))
             queues.append(q)
-        return queues
+        texts, completions = [""] * len(rows), [None] * len(rows)
+        envelope = {"id": rid, "object": "chat.completion" if endpoint == "chat" else "text_completion",
+                    "created": int(started), "model": name}
 
-    async def complete(rows, request: Request) -> list:
-        queues = await run(rows)
-        completions = []
-        try:
-            for q in queues:
-                while True:
-                    delta, completion, error = await q.get()
-                    if error:
-                        raise APIError(500, error, kind="server_error")
-                    if completion is not None:
-                        completions.append(completion)
-                        break
-        finally:
-            for row in rows[len(completions):]:
-                scheduler.cancel(row)
-        return completions
+        async def events():
+            """(row index, delta, completion) as they come, until every row has finished."""
+            pending = {asyncio.ensure_future(q.get()): i for i, q in enumerate(queues)}
+            try:
+                while pending:
+                    done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        i = pending.pop(task)
+                        delta, completion, error = task.result()
+                        if error:
+                            raise APIError(500, error, kind="server_error")
+                        texts[i] += delta
+                        completions[i] = completion
+                        if completion is None:
+                            pending[asyncio.ensure_future(queues[i].get())] = i
+                        yield i, delta, completion
+            finally:
+                for task in pending:
+                    task.cancel()
+                for i, row in enumerate(rows):
+                    if completions[i] is None:
+                        scheduler.cancel(row)
 
-    def usage(rows, completions) -> dict:
-        prompt = rows[0].prompt_len
-        generated = sum(len(c.token_ids) for c in completions)
-        return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+        def finish_of(completions) -> str:
+            return completions[0].finish_reason if all(completions) else "cancelled"
 
-    async def stream(rows, request: Request, make_chunk):
-        """Server-sent events: every row's deltas as they come (index = the row), then [DONE].
-        A client that goes away cancels its rows (their slots are freed at the next step)."""
-        queues = await run(rows)
-        pending = {asyncio.ensure_future(q.get()): i for i, q in enumerate(queues)}
-        finished = set()
-        try:
-            if make_chunk.first is not None:
-                for i in range(len(rows)):
-                    yield f"data: {json.dumps(make_chunk.first(i))}\n\n"
-            while pending:
-                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    i = pending.pop(task)
-                    delta, completion, error = task.result()
-                    if error:
-                        yield f"data: {json.dumps({'error': {'message': error, 'type': 'server_error'}})}\n\n"
-                        finished.add(i)
-                        continue
-                    if delta or completion is not None:
-                        yield f"data: {json.dumps(make_chunk(i, delta, completion))}\n\n"
-                    if completion is None:
-                        pending[asyncio.ensure_future(queues[i].get())] = i
-                    else:
-                        finished.add(i)
-            yield "data: [DONE]\n\n"
-        finally:
-            for task in pending:
-                task.cancel()
-            for i, row in enumerate(rows):
-                if i not in finished:
-                    scheduler.cancel(row)
+        if not body.stream:
+            try:
+                async for _ in events():
+                    pass
+            finally:
+                if not all(completions):  # an error or a client gone: still logged
+                    log_request(rid, endpoint, body, prompt, rows, texts, completions, started, "cancelled")
+            await asyncio.to_thread(log_request, rid, endpoint, body, prompt, rows, texts, completions, started,
+                                    finish_of(completions))
+            if endpoint == "chat":
+                choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
+                            "finish_reason": c.finish_reason} for i, c in enumerate(completions)]
+            else:
+                choices = [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+                           for i, c in enumerate(completions)]
+            return {**envelope, "choices": choices, "usage": usage(rows, completions)}
+
+        chunk_object = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
+
+        def chunk(i, delta, completion) -> str:
+            finish = completion.finish_reason if completion else None
+            if endpoint == "chat":
+                choice = {"index": i, "delta": {"content": delta} if delta else {}, "finish_reason": finish}
+            else:
+                choice = {"index": i, "text": delta, "logprobs": None, "finish_reason": finish}
+            return f"data: {json.dumps({**envelope, 'object': chunk_object, 'choices': [choice]})}\n\n"
+
+        async def sse():
+            logged = False
+            try:
+                if endpoint == "chat":  # the first delta of each choice carries the role
+                    for i in range(len(rows)):
+                        first = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                        yield f"data: {json.dumps({**envelope, 'object': chunk_object, 'choices': [first]})}\n\n"
+                try:
+                    async for i, delta, completion in events():
+                        if delta or completion is not None:
+                            yield chunk(i, delta, completion)
+                except APIError as exc:
+                    yield f"data: {json.dumps({'error': {'message': exc.message, 'type': exc.kind}})}\n\n"
+                await asyncio.to_thread(log_request, rid, endpoint, body, prompt, rows, texts, completions, started,
+                                        finish_of(completions))
+                logged = True
+                yield "data: [DONE]\n\n"
+            finally:
+                if not logged:  # the client went away mid-stream: what it was sent is still logged
+                    log_request(rid, endpoint, body, prompt, rows, texts, completions, started, "cancelled")
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        check_model(body)
-        rows = rows_for(body, body.prompt)
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.stream:
-            def chunk(i, delta, completion):
-                return {"id": rid, "object": "text_completion", "created": now, "model": name,
-                        "choices": [{"index": i, "text": delta, "logprobs": None,
-                                     "finish_reason": completion.finish_reason if completion else None}]}
-            chunk.first = None
-            return StreamingResponse(stream(rows, request, chunk), media_type="text/event-stream")
-        done = await complete(rows, request)
-        return {"id": rid, "object": "text_completion", "created": now, "model": name,
-                "choices": [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
-                            for i, c in enumerate(done)], "usage": usage(rows, done)}
+    async def completions(body: CompletionRequest):
+        return await answer("completions", body, body.prompt, body.prompt)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request):
+    async def chat_completions(body: ChatRequest):
         check_model(body)
         if not chat_format:
             raise APIError(400, f"{name} is not a chat model (its checkpoint has no chat format); "
@@ -250,22 +372,16 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
             prompt_ids = chat.render_prompt(engine.tokenizer, messages)
         except NanofmError as exc:
             raise APIError(400, str(exc), "messages") from None
-        rows = rows_for(body, prompt_ids)
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.stream:
-            def chunk(i, delta, completion):
-                return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": name,
-                        "choices": [{"index": i, "delta": {"content": delta} if delta else {},
-                                     "finish_reason": completion.finish_reason if completion else None}]}
-            chunk.first = lambda i: {"id": rid, "object": "chat.completion.chunk", "created": now, "model": name,
-                                     "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                  "finish_reason": None}]}
-            return StreamingResponse(stream(rows, request, chunk), media_type="text/event-stream")
-        done = await complete(rows, request)
-        return {"id": rid, "object": "chat.completion", "created": now, "model": name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                             "finish_reason": c.finish_reason} for i, c in enumerate(done)],
-                "usage": usage(rows, done)}
+        return await answer("chat", body, messages, prompt_ids)
+
+    @app.post("/v1/feedback")
+    async def feedback(body: Feedback):
+        if log is None:
+            raise APIError(400, "this server keeps no interaction log (started with --log='')", "request_id")
+        rating = {"up": 1, "down": -1}.get(body.rating, body.rating)
+        if not await asyncio.to_thread(log.record_feedback, body.request_id, rating, body.comment):
+            raise APIError(404, f"no request with id {body.request_id!r} in the log", "request_id")
+        return {"ok": True, "request_id": body.request_id, "rating": rating}
 
     return app
 
@@ -275,7 +391,8 @@ def load_app(cfg: ServeConfig) -> FastAPI:
     model, meta, tokenizer = load_for_inference(cfg.ckpt, device)
     name = cfg.name or resolve(cfg.ckpt).parent.name
     engine = Engine(model, tokenizer, device=device, batch_size=cfg.slots)
-    return make_app(engine, name, meta.get("chat_format"), cfg.slots)
+    log = InteractionLog(cfg.log) if cfg.log else None
+    return make_app(engine, name, meta.get("chat_format"), cfg.slots, log, str(resolve(cfg.ckpt)))
 
 
 def main(argv=None) -> None:

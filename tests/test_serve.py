@@ -34,12 +34,14 @@ def start(app):
 
 
 @pytest.fixture(scope="module")
-def served(tok):  # noqa: F811
+def served(tok, tmp_path_factory):  # noqa: F811
     import serve
+    from nanofm.interactions import InteractionLog
     engine = Engine(make_model(tok), tok, batch_size=4)
-    url, server = start(serve.make_app(engine, "tiny", chat.CHAT_FORMAT, slots=4))
+    log = InteractionLog(tmp_path_factory.mktemp("serve") / "interactions.db")
+    url, server = start(serve.make_app(engine, "tiny", chat.CHAT_FORMAT, slots=4, log=log, checkpoint="ckpt/x"))
     base_url, base_server = start(serve.make_app(Engine(make_model(tok), tok), "base", None, slots=2))
-    yield {"url": url, "engine": engine, "base_url": base_url}
+    yield {"url": url, "engine": engine, "base_url": base_url, "log": log}
     server.should_exit = base_server.should_exit = True
 
 
@@ -140,3 +142,99 @@ def test_the_scheduler_cancels_a_request_and_keeps_serving(tok):  # noqa: F811
     assert any(name == "long" and d for name, d, _ in events)  # it had started...
     assert not any(name == "long" and c is not None for name, _, c in events)  # ...and never completed
     assert [c for name, _, c in events if name == "short" and c][0].finish_reason == "length"
+
+
+def test_every_request_and_rating_lands_in_the_log(served):
+    client = openai.OpenAI(base_url=served["url"] + "/v1", api_key="unused")
+    log, before = served["log"], served["log"].count()
+    plain = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "The river"}],
+                                           max_tokens=5, temperature=0.7, seed=1)
+    streamed_text = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="A", max_tokens=6, temperature=1.0, seed=2, stream=True))
+    rows = {r["id"]: r for r in log.requests()}
+    assert log.count() == before + 2
+    row = rows[plain.id]
+    assert row["endpoint"] == "chat" and row["prompt"] == [{"role": "user", "content": "The river"}]
+    assert row["output"] == [plain.choices[0].message.content] and row["checkpoint"] == "ckpt/x"
+    assert row["settings"]["temperature"] == 0.7 and row["settings"]["seed"] == 1 and row["latency_ms"] > 0
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (plain.usage.prompt_tokens, plain.usage.completion_tokens)
+    streamed = [r for r in rows.values() if r["endpoint"] == "completions" and r["prompt"] == "A"][-1]
+    assert streamed["output"] == [streamed_text] and streamed["finish_reason"] in ("stop", "length")
+    for rating, stored in (("up", 1), ("down", -1), (4, 4)):  # the latest rating counts
+        code, answer = post(served["url"] + "/v1/feedback", {"request_id": plain.id, "rating": rating, "comment": "ok"})
+        assert code == 200 and answer["rating"] == stored
+        assert {r["id"]: r for r in log.requests()}[plain.id]["rating"] == stored
+    assert post(served["url"] + "/v1/feedback", {"request_id": "nope", "rating": "up"})[0] == 404
+    code, answer = post(served["url"] + "/v1/feedback", {"request_id": plain.id, "rating": 7})
+    assert code == 400 and answer["error"]["param"] == "rating"
+
+
+def test_concurrent_requests_lose_no_log_row(served):
+    client, log = openai.OpenAI(base_url=served["url"] + "/v1", api_key="unused"), served["log"]
+    before, ids = log.count(), []
+
+    def ask(i):
+        ids.append(client.completions.create(model="tiny", prompt=PROMPTS[i % 4], max_tokens=3, seed=i).id)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(ids) == 16 and log.count() == before + 16 and set(ids) <= {r["id"] for r in log.requests()}
+
+
+from test_sft import base, corpus  # noqa: E402,F401  (a tiny base checkpoint with its tokenizer)
+
+
+def test_the_log_survives_a_server_kill_and_a_corrupt_log_is_refused(base, tmp_path):  # noqa: F811
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+    from nanofm.interactions import InteractionLog
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(__file__).resolve().parents[1] / "serve.py"
+    db = tmp_path / "log.db"
+    server = subprocess.Popen([sys.executable, str(script), "--ckpt", str(base), "--port", str(port), "--log", str(db),
+                               "--name", "base"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        ids = [post(url + "/v1/completions", {"model": "base", "prompt": f"line {i}", "max_tokens": 4})[1]["id"]
+               for i in range(3)]
+    finally:
+        os.kill(server.pid, signal.SIGKILL)  # no shutdown, no flush: only what was committed survives
+        server.wait(10)
+    assert [r["id"] for r in InteractionLog(db).requests()] == ids
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"this is not a database" * 100)
+    done = subprocess.run([sys.executable, str(script), "--ckpt", str(base), "--log", str(bad)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and "cannot open the interaction log" in done.stdout + done.stderr
+    assert bad.read_bytes() == b"this is not a database" * 100  # left as it was
+
+
+def test_metrics_count_requests_tokens_and_latency(served):
+    def scrape():
+        text = urllib.request.urlopen(served["url"] + "/metrics", timeout=10).read().decode()
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if not line.startswith("#")}
+    before = scrape()
+    code, answer = post(served["url"] + "/v1/completions", {"model": "tiny", "prompt": "The river", "max_tokens": 4})
+    post(served["url"] + "/v1/completions", {"model": "tiny", "prompt": "a", "temperature": -1})
+    after = scrape()
+    ok, bad = 'nanofm_requests_total{path="/v1/completions",status="200"}', 'nanofm_requests_total{path="/v1/completions",status="400"}'
+    assert after[ok] == before.get(ok, 0) + 1 and after[bad] == before.get(bad, 0) + 1
+    done = 'nanofm_tokens_total{kind="completion"}'
+    assert after[done] - before[done] == answer["usage"]["completion_tokens"]
+    count = "nanofm_request_latency_seconds_count"
+    assert after[count] == before[count] + 2 and after['nanofm_request_latency_seconds_bucket{le="+Inf"}'] == after[count]
+    assert after["nanofm_queue_depth"] == 0 and after["nanofm_running_batch_size"] >= 0
