@@ -16,6 +16,7 @@ batch; requests join and leave at any step), and answer
 - GET  /health                    ok, and what is loaded;
 - GET  /metrics                   Prometheus text: requests, tokens, latency, queue, batch size;
 - POST /v1/feedback               {"request_id", "rating": "up" | "down" | 1..5, "comment"};
+- POST /admin/reload              {"ckpt": path}: serve another checkpoint, dropping nothing;
 both POSTs with or without streaming (server-sent events, `data: {json}` chunks, the first
 chat delta carrying the role, then `data: [DONE]`), with temperature, top_p, top_k, max_tokens,
 stop, seed and n, finish_reason stop/length, and usage.
@@ -30,7 +31,10 @@ Design decisions:
   interaction log (nanofm/interactions.py, SQLite in WAL mode) before the client gets the end of
   its answer; POST /v1/feedback joins a rating to a request id. GET /metrics counts requests,
   tokens and latency, and reports the queue and the running batch, in Prometheus' text format.
-- Not here yet (issue 13 goes on): reload, the web page, limits and API keys, the int8 export.
+- Reload keeps every request: requests in flight finish on the model that started them (the
+  scheduler keeps one running batch per model until it empties); a checkpoint that fails to
+  load is a 400 and the old model keeps serving.
+- Not here yet (issue 13 goes on): the web page, limits and API keys, the int8 export.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
@@ -114,6 +118,10 @@ class Feedback(BaseModel):
         return value
 
 
+class Reload(BaseModel):
+    ckpt: str = Field(..., min_length=1)  # a checkpoint or run directory
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
         super().__init__(message)
@@ -168,9 +176,12 @@ class Metrics:
 # ------------------------------------------------------------------ the app
 
 def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16, log: InteractionLog | None = None,
-             checkpoint: str | None = None) -> FastAPI:
-    """The API for one engine; `log` (an InteractionLog) keeps every request and rating."""
+             checkpoint: str | None = None, load: Callable[[str], tuple[Engine, dict, str]] | None = None) -> FastAPI:
+    """The API for one engine; `log` (an InteractionLog) keeps every request and rating; `load`
+    turns a checkpoint path into (engine, meta, resolved path) for POST /admin/reload."""
     scheduler = Scheduler(engine, slots=slots)
+    # what is served now; a reload replaces it whole, and a request keeps the one it started with
+    current = {"engine": engine, "chat_format": chat_format, "checkpoint": checkpoint}
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -218,7 +229,8 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "model": name, "chat": bool(chat_format), **scheduler.stats}
+        return {"status": "ok", "model": name, "checkpoint": current["checkpoint"], "chat": bool(current["chat_format"]),
+                **scheduler.stats}
 
     @app.get("/v1/models")
     def models():
@@ -229,7 +241,7 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {name!r}", "model",
                            "model_not_found")
 
-    def sampling(body: Sampling, index: int) -> SamplingParams:
+    def sampling(body: Sampling, index: int, engine: Engine) -> SamplingParams:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise APIError(400, "stop: at most 4 non-empty strings", "stop")
@@ -237,9 +249,9 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
         return SamplingParams(max_tokens=body.max_tokens or engine.model.cfg.block_size, temperature=body.temperature,
                               top_p=None if body.top_p >= 1 else body.top_p, top_k=body.top_k, seed=seed, stop=stop)
 
-    def rows_for(body: Sampling, prompt_ids: list[int]):
+    def rows_for(body: Sampling, prompt_ids: list[int], engine: Engine):
         try:
-            return [engine.new_row(prompt_ids, sampling(body, i)) for i in range(body.n)]
+            return [engine.new_row(prompt_ids, sampling(body, i, engine)) for i in range(body.n)]
         except NanofmError as exc:  # the prompt does not fit the context, or bad settings
             raise APIError(400, str(exc), "prompt") from None
 
@@ -248,7 +260,7 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
         generated = sum(len(c.token_ids) for c in completions if c is not None)
         return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
-    def log_request(rid, endpoint, body: Sampling, prompt, rows, texts, completions, started, finish) -> None:
+    def log_request(rid, endpoint, body: Sampling, prompt, rows, texts, completions, started, finish, checkpoint) -> None:
         """One row per request, committed before the client sees the end of its answer."""
         counts = usage(rows, completions)
         metrics.tokens["prompt"] += counts["prompt_tokens"]
@@ -262,20 +274,21 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
                             **{k: v for k, v in usage(rows, completions).items() if k != "total_tokens"},
                             "finish_reason": finish})
 
-    async def answer(endpoint: str, body: Sampling, prompt, prompt_ids):
+    async def answer(endpoint: str, body: Sampling, prompt, prompt_ids, served: dict):
         """Submit the n rows of one request to the scheduler and answer: a JSON body, or a stream
         of server-sent events (every row's deltas as they come, index = the row, then [DONE]).
         Each row's events arrive on an asyncio queue fed from the scheduler's thread; a client
         that goes away cancels its rows (their slots are free at the next step)."""
         check_model(body)
         started = time.time()
-        rows = rows_for(body, prompt_ids)
+        engine, checkpoint = served["engine"], served["checkpoint"]
+        rows = rows_for(body, prompt_ids, engine)
         rid = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         loop = asyncio.get_running_loop()
         queues = []
         for row in rows:
             q: asyncio.Queue = asyncio.Queue()
-            scheduler.submit(row, lambda d, c, e, q=q: loop.call_soon_threadsafe(q.put_nowait, (d, c, e)))
+            scheduler.submit(row, lambda d, c, e, q=q: loop.call_soon_threadsafe(q.put_nowait, (d, c, e)), engine)
             queues.append(q)
         texts, completions = [""] * len(rows), [None] * len(rows)
         envelope = {"id": rid, "object": "chat.completion" if endpoint == "chat" else "text_completion",
@@ -313,9 +326,9 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
                     pass
             finally:
                 if not all(completions):  # an error or a client gone: still logged
-                    log_request(rid, endpoint, body, prompt, rows, texts, completions, started, "cancelled")
+                    log_request(rid, endpoint, body, prompt, rows, texts, completions, started, "cancelled", checkpoint)
             await asyncio.to_thread(log_request, rid, endpoint, body, prompt, rows, texts, completions, started,
-                                    finish_of(completions))
+                                    finish_of(completions), checkpoint)
             if endpoint == "chat":
                 choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
                             "finish_reason": c.finish_reason} for i, c in enumerate(completions)]
@@ -348,31 +361,46 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
                 except APIError as exc:
                     yield f"data: {json.dumps({'error': {'message': exc.message, 'type': exc.kind}})}\n\n"
                 await asyncio.to_thread(log_request, rid, endpoint, body, prompt, rows, texts, completions, started,
-                                        finish_of(completions))
+                                        finish_of(completions), checkpoint)
                 logged = True
                 yield "data: [DONE]\n\n"
             finally:
                 if not logged:  # the client went away mid-stream: what it was sent is still logged
-                    log_request(rid, endpoint, body, prompt, rows, texts, completions, started, "cancelled")
+                    log_request(rid, endpoint, body, prompt, rows, texts, completions, started, "cancelled", checkpoint)
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        return await answer("completions", body, body.prompt, body.prompt)
+        return await answer("completions", body, body.prompt, body.prompt, dict(current))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
         check_model(body)
-        if not chat_format:
+        served = dict(current)
+        if not served["chat_format"]:
             raise APIError(400, f"{name} is not a chat model (its checkpoint has no chat format); "
                            f"use /v1/completions, or serve a model fine-tuned with train_sft.py", "messages")
         messages = [m.model_dump() for m in body.messages]
         try:
-            prompt_ids = chat.render_prompt(engine.tokenizer, messages)
+            prompt_ids = chat.render_prompt(served["engine"].tokenizer, messages)
         except NanofmError as exc:
             raise APIError(400, str(exc), "messages") from None
-        return await answer("chat", body, messages, prompt_ids)
+        return await answer("chat", body, messages, prompt_ids, served)
+
+    @app.post("/admin/reload")
+    async def reload(body: Reload):
+        """Serve another checkpoint (monitoring promotes a retrained model here). Requests in
+        flight finish on the old model; a checkpoint that fails to load changes nothing."""
+        if load is None:
+            raise APIError(400, "this server was started without a checkpoint loader", "ckpt")
+        try:
+            new_engine, meta, path = await asyncio.to_thread(load, body.ckpt)
+        except (NanofmError, OSError, RuntimeError, ValueError) as exc:
+            raise APIError(400, f"could not load {body.ckpt}: {exc}; still serving {current['checkpoint']}", "ckpt") from None
+        scheduler.swap(new_engine)
+        current.update(engine=new_engine, chat_format=meta.get("chat_format"), checkpoint=path)
+        return {"ok": True, "model": name, "checkpoint": path}
 
     @app.post("/v1/feedback")
     async def feedback(body: Feedback):
@@ -388,11 +416,15 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
 
 def load_app(cfg: ServeConfig) -> FastAPI:
     device = pick_device(cfg.device)
-    model, meta, tokenizer = load_for_inference(cfg.ckpt, device)
+
+    def load(path: str) -> tuple[Engine, dict, str]:
+        model, meta, tokenizer = load_for_inference(path, device)
+        return Engine(model, tokenizer, device=device, batch_size=cfg.slots), meta, str(resolve(path))
+
+    engine, meta, path = load(cfg.ckpt)
     name = cfg.name or resolve(cfg.ckpt).parent.name
-    engine = Engine(model, tokenizer, device=device, batch_size=cfg.slots)
     log = InteractionLog(cfg.log) if cfg.log else None
-    return make_app(engine, name, meta.get("chat_format"), cfg.slots, log, str(resolve(cfg.ckpt)))
+    return make_app(engine, name, meta.get("chat_format"), cfg.slots, log, path, load)
 
 
 def main(argv=None) -> None:

@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import torch
 
 from nanofm import chat
 from nanofm.engine import Engine, SamplingParams
@@ -238,3 +239,39 @@ def test_metrics_count_requests_tokens_and_latency(served):
     count = "nanofm_request_latency_seconds_count"
     assert after[count] == before[count] + 2 and after['nanofm_request_latency_seconds_bucket{le="+Inf"}'] == after[count]
     assert after["nanofm_queue_depth"] == 0 and after["nanofm_running_batch_size"] >= 0
+
+
+def test_reload_keeps_in_flight_requests_on_the_old_model_and_survives_a_bad_checkpoint(tok):  # noqa: F811
+    import serve
+    from nanofm.checkpoint import CheckpointError
+    old_model, new_model = make_model(tok), make_model(tok)
+    torch.manual_seed(1)
+    for p in new_model.parameters():  # another set of weights: the two models write different text
+        p.data.normal_(0, 0.2)
+    old_model.register_forward_pre_hook(lambda module, args: time.sleep(0.005))  # a slow old model: still busy at reload
+    old, new = Engine(old_model, tok), Engine(new_model, tok)
+
+    def load(path):
+        if path != "new":
+            raise CheckpointError(f"no checkpoint at {path}")
+        return new, {"chat_format": chat.CHAT_FORMAT}, "ckpt/new"
+
+    url, server = start(serve.make_app(old, "m", chat.CHAT_FORMAT, slots=2, checkpoint="ckpt/old", load=load))
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    params = dict(model="m", prompt="The river", max_tokens=40, temperature=1.0, seed=4)
+    expect_old = old.generate(["The river"], SamplingParams(max_tokens=40, temperature=1.0, seed=4))[0].text
+    expect_new = new.generate(["The river"], SamplingParams(max_tokens=40, temperature=1.0, seed=4))[0].text
+    assert expect_old != expect_new
+    pieces = []
+    stream = client.completions.create(stream=True, **params)
+    pieces.append(next(iter(stream)).choices[0].text)  # the old model has started on it
+    code, answer = post(url + "/admin/reload", {"ckpt": "missing/dir"})
+    assert code == 400 and "still serving ckpt/old" in answer["error"]["message"]
+    code, answer = post(url + "/admin/reload", {"ckpt": "new"})
+    assert code == 200 and answer["checkpoint"] == "ckpt/new"
+    assert client.completions.create(**params).choices[0].text == expect_new  # new requests: the new model
+    pieces += [chunk.choices[0].text for chunk in stream]
+    assert "".join(pieces) == expect_old  # the request in flight finished on the old one, whole
+    health = json.loads(urllib.request.urlopen(url + "/health").read())
+    assert health["checkpoint"] == "ckpt/new"
+    server.should_exit = True
