@@ -34,7 +34,10 @@ Design decisions:
 - Reload keeps every request: requests in flight finish on the model that started them (the
   scheduler keeps one running batch per model until it empties); a checkpoint that fails to
   load is a 400 and the old model keeps serving.
-- Not here yet (issue 13 goes on): the web page, limits and API keys, the int8 export.
+- Limits: an optional API key (--api_key or $NANOFM_API_KEY) on /v1 and /admin, a body size
+  (413), a cap on max_tokens (400), and a cap on requests in flight (429), checked before any
+  work is queued.
+- Not here yet (issue 13 goes on): the web page, schemathesis, the int8 export.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 import uuid
@@ -75,6 +79,10 @@ class ServeConfig:
     slots: int = 16  # requests decoded together (the running batch)
     device: str = "auto"  # auto | cpu | cuda | mps
     log: str = "out/serve/interactions.db"  # the interaction log (SQLite, WAL); "" = keep none
+    api_key: str = ""  # required as "Authorization: Bearer KEY" on /v1 and /admin; "" = $NANOFM_API_KEY, else none
+    max_body_bytes: int = 1_000_000  # larger request bodies get a 413
+    max_tokens_limit: int = 0  # the largest max_tokens a request may ask for; 0 = the context
+    max_pending: int = 256  # requests running or waiting; more get a 429
 
 
 # ------------------------------------------------------------------ request shapes (OpenAI's)
@@ -133,6 +141,15 @@ def error_response(status: int, message: str, param: str | None = None, kind: st
                                                                "code": None}})
 
 
+@dataclass
+class Limits:
+    """What one client may ask of the server (ServeConfig's flags)."""
+    api_key: str = ""
+    max_body_bytes: int = 1_000_000
+    max_tokens_limit: int = 0
+    max_pending: int = 256
+
+
 # ------------------------------------------------------------------ /metrics (Prometheus text format)
 
 class Metrics:
@@ -176,12 +193,15 @@ class Metrics:
 # ------------------------------------------------------------------ the app
 
 def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16, log: InteractionLog | None = None,
-             checkpoint: str | None = None, load: Callable[[str], tuple[Engine, dict, str]] | None = None) -> FastAPI:
+             checkpoint: str | None = None, load: Callable[[str], tuple[Engine, dict, str]] | None = None,
+             limits: Limits | None = None) -> FastAPI:
     """The API for one engine; `log` (an InteractionLog) keeps every request and rating; `load`
     turns a checkpoint path into (engine, meta, resolved path) for POST /admin/reload."""
     scheduler = Scheduler(engine, slots=slots)
     # what is served now; a reload replaces it whole, and a request keeps the one it started with
     current = {"engine": engine, "chat_format": chat_format, "checkpoint": checkpoint}
+    limits = limits or Limits()
+    in_flight = [0]  # rows admitted and not yet answered (touched on the event loop's thread only: no lock)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -198,7 +218,7 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
     @app.middleware("http")
     async def _count(request: Request, call_next):
         started = time.perf_counter()
-        response = await call_next(request)
+        response = _refuse(request) or await call_next(request)
         if isinstance(response, StreamingResponse):  # a stream's latency ends with its last event
             body = response.body_iterator
 
@@ -212,6 +232,20 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
         else:
             metrics.observe(request.url.path, response.status_code, time.perf_counter() - started)
         return response
+
+    def _refuse(request: Request):
+        """The checks every request passes before its body is read: the API key and the body size."""
+        path = request.url.path
+        if limits.api_key and (path.startswith("/v1/") or path.startswith("/admin/")):
+            if request.headers.get("authorization", "") != f"Bearer {limits.api_key}":
+                return error_response(401, "missing or wrong API key (send Authorization: Bearer KEY)", None,
+                                      "invalid_request_error")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
+            return error_response(413, f"the request body is larger than {limits.max_body_bytes:,} bytes")
+        if length is None and request.method == "POST" and "chunked" in request.headers.get("transfer-encoding", ""):
+            return error_response(411, "send a Content-Length (chunked request bodies are not accepted)")
+        return None
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus():
@@ -282,7 +316,21 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
         check_model(body)
         started = time.time()
         engine, checkpoint = served["engine"], served["checkpoint"]
+        limit = limits.max_tokens_limit or engine.model.cfg.block_size
+        if body.max_tokens is not None and body.max_tokens > limit:
+            raise APIError(400, f"max_tokens is {body.max_tokens}, the most this server allows is {limit}", "max_tokens")
+        if in_flight[0] + body.n > limits.max_pending:
+            raise APIError(429, f"{in_flight[0]} requests are in flight (the limit is {limits.max_pending}); retry later",
+                           kind="rate_limit_error")
         rows = rows_for(body, prompt_ids, engine)
+        in_flight[0] += len(rows)
+        released = []
+
+        def release() -> None:  # once, whichever way the request ends (answered, failed, client gone)
+            if not released:
+                released.append(True)
+                in_flight[0] -= len(rows)
+
         rid = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         loop = asyncio.get_running_loop()
         queues = []
@@ -311,6 +359,7 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
                             pending[asyncio.ensure_future(queues[i].get())] = i
                         yield i, delta, completion
             finally:
+                release()
                 for task in pending:
                     task.cancel()
                 for i, row in enumerate(rows):
@@ -365,6 +414,7 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
                 logged = True
                 yield "data: [DONE]\n\n"
             finally:
+                release()
                 if not logged:  # the client went away mid-stream: what it was sent is still logged
                     log_request(rid, endpoint, body, prompt, rows, texts, completions, started, "cancelled", checkpoint)
 
@@ -424,7 +474,9 @@ def load_app(cfg: ServeConfig) -> FastAPI:
     engine, meta, path = load(cfg.ckpt)
     name = cfg.name or resolve(cfg.ckpt).parent.name
     log = InteractionLog(cfg.log) if cfg.log else None
-    return make_app(engine, name, meta.get("chat_format"), cfg.slots, log, path, load)
+    limits = Limits(cfg.api_key or os.environ.get("NANOFM_API_KEY", ""), cfg.max_body_bytes, cfg.max_tokens_limit,
+                    cfg.max_pending)
+    return make_app(engine, name, meta.get("chat_format"), cfg.slots, log, path, load, limits)
 
 
 def main(argv=None) -> None:

@@ -275,3 +275,42 @@ def test_reload_keeps_in_flight_requests_on_the_old_model_and_survives_a_bad_che
     health = json.loads(urllib.request.urlopen(url + "/health").read())
     assert health["checkpoint"] == "ckpt/new"
     server.should_exit = True
+
+
+def test_api_key_body_size_max_tokens_and_the_pending_limit(tok):  # noqa: F811
+    import serve
+    model = make_model(tok)
+    model.register_forward_pre_hook(lambda module, args: time.sleep(0.005))  # slow enough to be caught in flight
+    limits = serve.Limits(api_key="secret", max_body_bytes=2000, max_tokens_limit=30, max_pending=1)
+    url, server = start(serve.make_app(Engine(model, tok), "m", chat.CHAT_FORMAT, slots=2, limits=limits))
+
+    def call(body, key="secret", raw=None):
+        data = raw if raw is not None else json.dumps(body).encode()
+        headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=data, headers=headers),
+                                        timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    ok = {"model": "m", "prompt": "The river", "max_tokens": 3}
+    assert call(ok, key=None)[0] == 401 and call(ok, key="wrong")[0] == 401
+    assert call(ok)[0] == 200 and urllib.request.urlopen(url + "/health").status == 200  # health needs no key
+    code, answer = call(None, raw=json.dumps({**ok, "prompt": "x" * 100_000}).encode())
+    assert code == 413 and "2,000 bytes" in answer["error"]["message"]
+    code, answer = call({**ok, "max_tokens": 31})
+    assert code == 400 and answer["error"]["param"] == "max_tokens"
+    client = openai.OpenAI(base_url=url + "/v1", api_key="secret", max_retries=0)
+    stream = client.completions.create(model="m", prompt="A", max_tokens=30, stream=True, seed=1)
+    next(iter(stream))  # one request in flight: the limit is 1
+    code, answer = call(ok)
+    assert code == 429 and answer["error"]["type"] == "rate_limit_error"
+    list(stream)  # it finishes...
+    for _ in range(50):  # ...and its place is free again (once the server has closed the stream)
+        if call(ok)[0] == 200:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the finished stream's place was never freed")
+    server.should_exit = True
