@@ -13,6 +13,8 @@ batch; requests join and leave at any step), and answer
 - POST /v1/completions            text completion (any causal model);
 - POST /v1/chat/completions       chat, rendered with the checkpoint's chat format (a base model
                                   without one gets a 400 that says to use /v1/completions);
+- GET  /                          a chat page (web/chat.html): streamed replies, the conversation,
+                                  thumbs up/down per reply;
 - GET  /health                    ok, and what is loaded;
 - GET  /metrics                   Prometheus text: requests, tokens, latency, queue, batch size;
 - POST /v1/feedback               {"request_id", "rating": "up" | "down" | 1..5, "comment"};
@@ -37,7 +39,7 @@ Design decisions:
 - Limits: an optional API key (--api_key or $NANOFM_API_KEY) on /v1 and /admin, a body size
   (413), a cap on max_tokens (400), and a cap on requests in flight (429), checked before any
   work is queued.
-- Not here yet (issue 13 goes on): the web page, schemathesis, the int8 export.
+- Not here yet (issue 13 goes on): schemathesis, the int8 export, the load benchmark.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ sys.path.insert(0, str(ROOT))
 
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse  # noqa: E402
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse  # noqa: E402
 from pydantic import BaseModel, Field, field_validator  # noqa: E402
 
 from nanofm import chat  # noqa: E402
@@ -68,6 +70,9 @@ from nanofm.config import parse_config  # noqa: E402
 from nanofm.engine import Engine, SamplingParams  # noqa: E402
 from nanofm.interactions import InteractionLog  # noqa: E402
 from nanofm.scheduler import Scheduler  # noqa: E402
+
+
+PAGE = ROOT / "web" / "chat.html"  # the chat page at /
 
 
 @dataclass
@@ -246,6 +251,10 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
         if length is None and request.method == "POST" and "chunked" in request.headers.get("transfer-encoding", ""):
             return error_response(411, "send a Content-Length (chunked request bodies are not accepted)")
         return None
+
+    @app.get("/", response_class=HTMLResponse)
+    def page():
+        return PAGE.read_text(encoding="utf-8")  # read each time: edit the page, reload the browser
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus():

@@ -314,3 +314,55 @@ def test_api_key_body_size_max_tokens_and_the_pending_limit(tok):  # noqa: F811
     else:
         raise AssertionError("the finished stream's place was never freed")
     server.should_exit = True
+
+
+def test_the_chat_page_in_a_real_browser_streams_keeps_the_conversation_and_rates(tok, tmp_path):  # noqa: F811
+    import shutil
+    import os
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if os.environ.get("NANOFM_REQUIRE_BROWSER") != "1":  # CI (.ci/run) sets it: there the browser must be present
+        pytest.importorskip("selenium.webdriver", reason="the page test drives Chromium with selenium")
+        if not chromium or not driver_path:
+            pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; "
+                        ".ci/run does)")
+    from selenium import webdriver
+    import serve
+    from nanofm.interactions import InteractionLog
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    log = InteractionLog(tmp_path / "log.db")
+    url, server = start(serve.make_app(Engine(make_model(tok), tok), "tiny", chat.CHAT_FORMAT, slots=2, log=log))
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda b: b.find_element(By.ID, "model").text == "tiny")
+        max_tokens = browser.find_element(By.ID, "max_tokens")
+        max_tokens.clear()
+        max_tokens.send_keys("6")  # the tiny model's context is 64 tokens: room for two turns
+        replies = []
+        for turn, text in enumerate(["The river", "Quiet and early the"]):
+            browser.find_element(By.ID, "input").send_keys(text)
+            browser.find_element(By.ID, "send").click()
+            wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".assistant[data-done='true']")) == turn + 1)
+            replies.append(browser.find_elements(By.CSS_SELECTOR, ".assistant")[turn])
+        rows = log.requests()
+        assert len(rows) == 2
+        # the second request carried the whole conversation, and each bubble shows what was logged
+        assert [m["content"] for m in rows[1]["prompt"]] == ["The river", rows[0]["output"][0], "Quiet and early the"]
+        for bubble, row in zip(replies, rows):
+            assert bubble.get_attribute("data-request-id") == row["id"]
+            assert bubble.find_element(By.CSS_SELECTOR, ".text").text == row["output"][0].strip()
+        replies[1].find_element(By.CSS_SELECTOR, ".rate-down").click()
+        wait.until(lambda b: replies[1].get_attribute("data-rating") == "down")
+        assert {r["id"]: r["rating"] for r in log.requests()} == {rows[0]["id"]: None, rows[1]["id"]: -1}
+    finally:
+        browser.quit()
+        server.should_exit = True
