@@ -39,7 +39,7 @@ Design decisions:
 - Limits: an optional API key (--api_key or $NANOFM_API_KEY) on /v1 and /admin, a body size
   (413), a cap on max_tokens (400), and a cap on requests in flight (429), checked before any
   work is queued.
-- Not here yet (issue 13 goes on): schemathesis, the int8 export, the load benchmark.
+- Not here yet (issue 13 goes on): the int8 export, the load benchmark.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse  # noqa: E402
 from pydantic import BaseModel, Field, field_validator  # noqa: E402
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
 from nanofm import chat  # noqa: E402
 from nanofm.checkpoint import load_for_inference, resolve  # noqa: E402
@@ -265,6 +266,13 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         return error_response(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", where)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):  # a body that is not JSON, an unknown path
+        message = exc.detail if isinstance(exc.detail, str) else "invalid request"
+        if exc.status_code == 400:
+            message += " (the body must be UTF-8 JSON)"
+        return error_response(exc.status_code, message)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
