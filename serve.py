@@ -18,7 +18,8 @@ batch; requests join and leave at any step), and answer
 - GET  /health                    ok, and what is loaded;
 - GET  /metrics                   Prometheus text: requests, tokens, latency, queue, batch size;
 - POST /v1/feedback               {"request_id", "rating": "up" | "down" | 1..5, "comment"};
-- POST /admin/reload              {"ckpt": path}: serve another checkpoint, dropping nothing;
+- POST /admin/reload              {"ckpt": path}: serve another checkpoint, dropping nothing
+                                  (or --watch: reload when the run directory's `latest` changes);
 both POSTs with or without streaming (server-sent events, `data: {json}` chunks, the first
 chat delta carrying the role, then `data: [DONE]`), with temperature, top_p, top_k, max_tokens,
 stop, seed and n, finish_reason stop/length, and usage.
@@ -89,6 +90,8 @@ class ServeConfig:
     max_body_bytes: int = 1_000_000  # larger request bodies get a 413
     max_tokens_limit: int = 0  # the largest max_tokens a request may ask for; 0 = the context
     max_pending: int = 256  # requests running or waiting; more get a 429
+    watch: bool = False  # reload when --ckpt (a run directory) gets a new latest checkpoint
+    watch_seconds: float = 10.0  # how often --watch looks
 
 
 # ------------------------------------------------------------------ request shapes (OpenAI's)
@@ -200,18 +203,41 @@ class Metrics:
 
 def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16, log: InteractionLog | None = None,
              checkpoint: str | None = None, load: Callable[[str], tuple[Engine, dict, str]] | None = None,
-             limits: Limits | None = None) -> FastAPI:
+             limits: Limits | None = None, watch: str | None = None, watch_seconds: float = 10.0) -> FastAPI:
     """The API for one engine; `log` (an InteractionLog) keeps every request and rating; `load`
-    turns a checkpoint path into (engine, meta, resolved path) for POST /admin/reload."""
+    turns a checkpoint path into (engine, meta, resolved path) for POST /admin/reload; `watch` (a
+    run directory) is checked every watch_seconds, and a new `latest` checkpoint there is loaded."""
     scheduler = Scheduler(engine, slots=slots)
     # what is served now; a reload replaces it whole, and a request keeps the one it started with
     current = {"engine": engine, "chat_format": chat_format, "checkpoint": checkpoint}
     limits = limits or Limits()
     in_flight = [0]  # rows admitted and not yet answered (touched on the event loop's thread only: no lock)
 
+    async def watch_latest():
+        """Reload when the watched run directory's newest checkpoint changes (a retrained model
+        promoted by monitor.py). A checkpoint that fails to load is reported and skipped."""
+        while True:
+            await asyncio.sleep(watch_seconds)
+            try:
+                newest = str(resolve(watch))
+            except NanofmError:
+                continue  # nothing complete there yet
+            if newest != current["checkpoint"] and newest not in failed:
+                try:
+                    await swap_to(newest)
+                    print(f"serve: now serving {newest}", flush=True)
+                except APIError as exc:
+                    failed.add(newest)
+                    print(f"serve: {exc.message}", flush=True)
+
+    failed: set[str] = set()
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        watcher = asyncio.create_task(watch_latest()) if watch else None
         yield
+        if watcher is not None:
+            watcher.cancel()
         scheduler.close()  # the decode thread stops with the server
         if log is not None:
             log.close()
@@ -459,15 +485,18 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
     async def reload(body: Reload):
         """Serve another checkpoint (monitoring promotes a retrained model here). Requests in
         flight finish on the old model; a checkpoint that fails to load changes nothing."""
+        return {"ok": True, "model": name, "checkpoint": await swap_to(body.ckpt)}
+
+    async def swap_to(ckpt: str) -> str:
         if load is None:
             raise APIError(400, "this server was started without a checkpoint loader", "ckpt")
         try:
-            new_engine, meta, path = await asyncio.to_thread(load, body.ckpt)
+            new_engine, meta, path = await asyncio.to_thread(load, ckpt)
         except (NanofmError, OSError, RuntimeError, ValueError) as exc:
-            raise APIError(400, f"could not load {body.ckpt}: {exc}; still serving {current['checkpoint']}", "ckpt") from None
+            raise APIError(400, f"could not load {ckpt}: {exc}; still serving {current['checkpoint']}", "ckpt") from None
         scheduler.swap(new_engine)
         current.update(engine=new_engine, chat_format=meta.get("chat_format"), checkpoint=path)
-        return {"ok": True, "model": name, "checkpoint": path}
+        return path
 
     @app.post("/v1/feedback")
     async def feedback(body: Feedback):
@@ -493,7 +522,8 @@ def load_app(cfg: ServeConfig) -> FastAPI:
     log = InteractionLog(cfg.log) if cfg.log else None
     limits = Limits(cfg.api_key or os.environ.get("NANOFM_API_KEY", ""), cfg.max_body_bytes, cfg.max_tokens_limit,
                     cfg.max_pending)
-    return make_app(engine, name, meta.get("chat_format"), cfg.slots, log, path, load, limits)
+    return make_app(engine, name, meta.get("chat_format"), cfg.slots, log, path, load, limits,
+                    watch=cfg.ckpt if cfg.watch else None, watch_seconds=cfg.watch_seconds)
 
 
 def main(argv=None) -> None:

@@ -392,3 +392,51 @@ def test_schemathesis_finds_no_server_error(served):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "generated" in done.stdout
+
+
+def test_watch_reloads_when_the_run_gets_a_new_latest_checkpoint(tok, tmp_path):  # noqa: F811
+    from pathlib import Path
+    import serve
+    from nanofm.checkpoint import resolve
+    run = tmp_path / "run"
+
+    def checkpoint(step, good=True):
+        ckpt = run / f"ckpt_{step:07d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "model.pt").write_bytes(b"weights" if good else b"corrupt")
+        (ckpt / "meta.json").write_text("{}")
+        (run / "latest").write_text(ckpt.name)
+        return str(ckpt)
+
+    engines = {}
+
+    def load(path):  # stands in for load_for_inference: a corrupt checkpoint fails to load
+        path = str(resolve(path))
+        if (Path(path) / "model.pt").read_bytes() == b"corrupt":
+            raise ValueError("corrupt model.pt")
+        return engines.setdefault(path, Engine(make_model(tok), tok)), {"chat_format": chat.CHAT_FORMAT}, path
+
+    first = checkpoint(1)
+    engine, _, path = load(first)
+    url, server = start(serve.make_app(engine, "m", chat.CHAT_FORMAT, checkpoint=path, load=load, watch=str(run),
+                                       watch_seconds=0.1))
+
+    def serving():
+        return json.loads(urllib.request.urlopen(url + "/health").read())["checkpoint"]
+
+    def wait_for(expected):
+        for _ in range(100):
+            if serving() == expected:
+                return True
+            time.sleep(0.05)
+        return False
+
+    assert serving() == first
+    second = checkpoint(2)
+    assert wait_for(second)  # picked up without a request
+    checkpoint(3, good=False)
+    time.sleep(0.5)
+    assert serving() == second  # a checkpoint that fails to load leaves the old one serving
+    fourth = checkpoint(4)
+    assert wait_for(fourth)
+    server.should_exit = True
