@@ -380,7 +380,7 @@ def test_an_unknown_path_gets_an_openai_style_404(served):
     assert code == 404 and answer["error"]["message"] == "Not Found"
 
 
-def test_schemathesis_finds_no_server_error(served):
+def test_schemathesis_finds_no_server_error(served, tmp_path):
     """Fuzz every operation of the server's own OpenAPI schema (bounded: 30 examples each, a fixed
     seed, about 500 requests in a few seconds) and check that nothing answers 5xx."""
     import subprocess
@@ -389,7 +389,7 @@ def test_schemathesis_finds_no_server_error(served):
     command = [sys.executable, "-c", "import sys; from schemathesis.cli import schemathesis; sys.exit(schemathesis())",
                "run", served["url"] + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "30",
                "--seed", "1"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # its cache goes there
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "generated" in done.stdout
 
