@@ -355,8 +355,8 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
         """Submit the n rows of one request to the scheduler and answer: a JSON body, or a stream
         of server-sent events (every row's deltas as they come, index = the row, then [DONE]).
         Each row's events arrive on an asyncio queue fed from the scheduler's thread; a client
-        that goes away cancels its rows (their slots are free at the next step)."""
-        check_model(body)
+        that goes away cancels its rows (their slots are free at the next step). The endpoint has
+        checked the model name."""
         started = time.time()
         engine, checkpoint = served["engine"], served["checkpoint"]
         limit = limits.max_tokens_limit or engine.model.cfg.block_size
@@ -465,6 +465,7 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
+        check_model(body)
         return await answer("completions", body, body.prompt, body.prompt, dict(current))
 
     @app.post("/v1/chat/completions")

@@ -510,9 +510,11 @@ def main(argv=None) -> dict:
         questions = instructions.builtin(data_dir, "train", per_family=cfg.per_family, seed=cfg.seed, families=families)
         held_questions = instructions.builtin(data_dir, "val", per_family=cfg.val_pairs, seed=cfg.seed, families=checkable)
         room = min(cfg.seq_len, model.cfg.block_size) - cfg.max_new_tokens  # a prompt must leave room for the reply
-        fits = [q for q in questions if len(chat.render_prompt(tokenizer, q["messages"][:-1])) <= room]
-        dropped, questions = len(questions) - len(fits), fits
-        held_questions = [q for q in held_questions if len(chat.render_prompt(tokenizer, q["messages"][:-1])) <= room]
+
+        def fitting(items):
+            return [q for q in items if len(chat.render_prompt(tokenizer, q["messages"][:-1])) <= room]
+        dropped, questions, held_questions = len(questions), fitting(questions), fitting(held_questions)
+        dropped -= len(questions)
         if not questions:
             raise ConfigError(f"no question leaves room for --max_new_tokens={cfg.max_new_tokens} in --seq_len={cfg.seq_len}")
         reward = LearnedReward(cfg.reward_model, tokenizer, ctx) if cfg.reward_model else ExactAnswer()

@@ -103,6 +103,13 @@ class _Row:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.ids, self.logprobs, self.text, self.finish_reason = [], [], "", None
         self.live_text = live_text  # keep .text current at every step (streaming)
+        self.shown = 0  # characters of .text already handed out by new_text()
+
+    def new_text(self) -> str:
+        """The text that became safe to show since the last call (streams and the server read it)."""
+        text = safe_prefix(self)
+        delta, self.shown = text[self.shown:], max(self.shown, len(text))
+        return delta
 
     def completion(self) -> "Completion":
         return Completion(self.text, self.ids, self.finish_reason, self.prompt_len, self.logprobs)
@@ -374,14 +381,12 @@ class Stream:
         self.engine, self.row, self.completion = engine, row, None
 
     def __iter__(self) -> Iterator[str]:
-        shown = 0
         with self.engine._eval_mode():
             batch = self.engine.new_batch(1)
             batch.add(self.row)
             while batch.active:
                 batch.step()
-                safe = safe_prefix(self.row)
-                if len(safe) > shown:
-                    yield safe[shown:]
-                    shown = len(safe)
+                delta = self.row.new_text()
+                if delta:
+                    yield delta
         self.completion = self.row.completion()

@@ -32,7 +32,7 @@ import traceback
 from collections import deque
 from typing import Callable
 
-from nanofm.engine import Completion, Engine, _Row, safe_prefix
+from nanofm.engine import Completion, Engine, _Row
 
 OnEvent = Callable[[str, "Completion | None", "str | None"], None]
 
@@ -69,7 +69,7 @@ class Scheduler:
     def _loop(self) -> None:
         # one generation per engine in use: its running batch and its queue of waiting rows
         generations: dict[int, tuple[Engine, object, deque]] = {}
-        listeners: dict[int, tuple[_Row, OnEvent, list]] = {}  # id(row) -> (row, callback, [chars shown])
+        listeners: dict[int, OnEvent] = {}  # id(row) -> its callback
         while not self._stop.is_set():
             idle = not any(batch.active or waiting for _, batch, waiting in generations.values())
             self._take_new(block=idle, listeners=listeners, generations=generations)
@@ -101,9 +101,7 @@ class Scheduler:
             return
         self.stats["steps"] += 1
         for row in [r for r in batch.rows if r is not None] + finished:
-            _, on_event, shown = listeners[id(row)]
-            text = safe_prefix(row)
-            delta, shown[0] = text[shown[0]:], max(shown[0], len(text))
+            on_event, delta = listeners[id(row)], row.new_text()
             if row.finish_reason:
                 del listeners[id(row)]
                 on_event(delta, row.completion(), None)
@@ -121,7 +119,7 @@ class Scheduler:
                 engine.model.eval()
                 generations[id(engine)] = (engine, engine.new_batch(self.slots), deque())
             row.live_text = True
-            listeners[id(row)] = (row, on_event, [0])
+            listeners[id(row)] = on_event
             generations[id(engine)][2].append(row)
             try:
                 item = self.inbox.get_nowait()
@@ -144,6 +142,6 @@ class Scheduler:
         message = f"generation failed: {type(exc).__name__}: {exc}"
         traceback.print_exc()
         for row in rows:
-            entry = listeners.pop(id(row), None)
-            if entry is not None:
-                entry[1]("", None, message)
+            on_event = listeners.pop(id(row), None)
+            if on_event is not None:
+                on_event("", None, message)
