@@ -175,9 +175,17 @@ def setup(cfg: TrainConfig) -> Context:
 
 
 def teardown(ctx: Context) -> None:
+    """Under torchrun: wait for every rank, then end the process here, without freeing anything.
+    Why not destroy_process_group and return: when the script's locals are freed, DDP's reducer
+    drops the last reference to the gloo process group, whose destructor joins gloo's worker
+    thread while holding the GIL, and that thread may still be freeing a finished collective's
+    Python tensors, which needs the GIL: a deadlock (seen about 1 run in 40 on 2 CPU cores, in
+    CI). Under torchrun, main's return value is not used by anyone."""
     if ctx.ddp and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def seed_everything(seed: int) -> None:
@@ -216,7 +224,11 @@ def wrap_model(model: torch.nn.Module, cfg: TrainConfig, ctx: Context) -> Models
     """Move to the device; FSDP2 (each Transformer block a unit, the rest - heads, adapters - with
     the root), or DDP; torch.compile when asked (auto = on CUDA)."""
     from nanofm.model import Block
+    from nanofm.quantize import is_quantized
 
+    if is_quantized(model):
+        raise ConfigError("this checkpoint is an int8 export (nanofm.quantize), made for serving: its weights cannot "
+                          "train; start from the full checkpoint it was made from (its meta.json's parent)")
     raw_model = model.to(ctx.device)
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and ctx.device_type == "cuda")
     if ctx.fsdp:  # each block is gathered for its forward/backward, then freed
