@@ -6,7 +6,8 @@ JSON under bench_out/ (gitignored).
     python bench.py ttl       # time to the AdamW baseline's final validation loss: AdamW vs Muon
     python bench.py kernels   # each Triton kernel vs eager vs torch.compile: ms and memory (CUDA)
     python bench.py forgetting  # continued pretraining: new-domain gain, old-domain forgetting, replay
-    python bench.py generate  # generation tokens/s: the engine (KV cache, batched) vs recomputing
+    python bench.py generate  # generation tokens/s: the engine (KV cache, batched) vs recomputing, vs transformers
+    python bench.py edge      # the int8 export vs the full model: size, decode speed, bits per byte
     python bench.py langid    # language-ID thresholds: English documents removed, non-English kept
     python bench.py lora      # LoRA vs full fine-tuning: parameters, checkpoint, memory, steps/s, metric
 
@@ -16,6 +17,7 @@ Every ratio is measured in the same run on the same inputs; nothing here is a ha
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -461,7 +463,8 @@ class GenerateBenchConfig:
 
 def bench_generate(argv) -> dict:
     """Greedy generation with random weights (the speed does not depend on them): the engine at
-    batch 1 and batched, against the same model recomputing the whole sequence every token."""
+    batch 1 and batched, against the same model recomputing the whole sequence every token, and
+    against the same weights in transformers (exported with nanofm.convert) and its generate."""
     cfg = parse_config(GenerateBenchConfig, argv)
     import torch
 
@@ -498,18 +501,98 @@ def bench_generate(argv) -> dict:
         "recompute every token (no cache), batch 1": (1, lambda: model.generate(
             torch.tensor([prompt], device=device), new, temperature=0, use_cache=False)),
     }
+    # the peer: the same weights exported with nanofm.convert, through transformers' generate
+    # (greedy, its KV cache, exactly `new` tokens: no end token can stop it early)
+    from nanofm.convert import to_hf
+    hf = to_hf(model.float().cpu()).to(device).eval()
+    if cuda:
+        model.to(torch.bfloat16)
+        hf = hf.to(torch.bfloat16)
+
+    def hf_generate(n):
+        with torch.no_grad():
+            return hf.generate(torch.tensor([prompt] * n, device=device), max_new_tokens=new, min_new_tokens=new,
+                               do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
+    for n in (1, batch):
+        runs[f"transformers generate, batch {n}"] = (n, lambda n=n: hf_generate(n))
     results, rows = {}, []
     for name, (n, fn) in runs.items():
         seconds = timed(fn)
         results[name] = {"batch": n, "new_tokens": new, "seconds": seconds, "tokens_per_s": n * new / seconds}
         rows.append((name, f"{n} x {new}", f"{seconds:.2f} s", f"{n * new / seconds:,.0f}"))
-    one, many, naive = (results[k]["tokens_per_s"] for k in runs)
+    one, many, naive, hf_one, hf_many = (results[k]["tokens_per_s"] for k in runs)
     rows.append(("KV cache / recompute, batch 1", "", "", f"{one / naive:.1f}x"))
     rows.append((f"batch {batch} / batch 1", "", "", f"{many / one:.1f}x"))
+    rows.append(("engine / transformers, batch 1", "", "", f"{one / hf_one:.2f}x"))
+    rows.append((f"engine / transformers, batch {batch}", "", "", f"{many / hf_many:.2f}x"))
+    results["engine / transformers"] = {"batch 1": one / hf_one, f"batch {batch}": many / hf_many}
     print(f"{'gpt2 bf16 on ' + torch.cuda.get_device_name() if cuda else 'tiny fp32 on CPU'}, prompt {cfg.prompt_tokens} tokens")
     print(table(rows, ("generation", "sequences x new tokens", "time", "tokens/s")))
     Path(cfg.out).mkdir(exist_ok=True)
     Path(cfg.out, "generate.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+@dataclass
+class EdgeBenchConfig:
+    ckpt: str = "out/sft"  # the full checkpoint to export
+    data_dir: str = ""  # validation tokens for bits per byte; "" = the checkpoint's data_dir
+    new_tokens: int = 128  # greedy tokens per decode-speed run
+    val_batches: int = 20  # validation batches (of 8 rows of the context's length) for bits per byte
+    out: str = "bench_out"  # where the JSON results and the int8 export go
+
+
+def bench_edge(argv) -> dict:
+    """The int8 weight-only export (nanofm.quantize) against the full model it came from: file
+    size, decode tokens/s at batch 1, and bits per byte on the validation split (the quality lost)."""
+    cfg = parse_config(EdgeBenchConfig, argv)
+    import torch
+
+    from nanofm import quantize
+    from nanofm.checkpoint import load_for_inference, read_meta, resolve
+    from nanofm.data import TokenLoader, read_header, shard_paths
+    from nanofm.engine import Engine, SamplingParams
+    from nanofm.train import token_byte_lengths
+
+    source = resolve(cfg.ckpt)
+    data_dir = cfg.data_dir or read_meta(source).get("data_dir")
+    if not data_dir or not shard_paths(data_dir, "val"):
+        raise SystemExit(f"no validation shards for {source}: pass --data_dir (a directory made by data/prepare.py)")
+    exported = quantize.export(source, Path(cfg.out) / "edge-int8")
+    results, rows = {}, []
+    for name, path in [("full (fp32)", source), ("int8 weight-only", exported)]:
+        model, _, tokenizer = load_for_inference(path, "cpu")
+        # bits per byte: summed NLL over the same validation windows, in bits, per byte of text
+        seq_len = model.cfg.block_size
+        val_tokens = sum(read_header(p)["tokens"] for p in shard_paths(data_dir, "val"))
+        batches = max(1, min(cfg.val_batches, (val_tokens - 1) // (8 * seq_len)))
+        loader, token_bytes = TokenLoader(data_dir, "val", 8, seq_len), token_byte_lengths(tokenizer, "cpu")
+        nll, n_bytes = 0.0, 0
+        with torch.no_grad():
+            for _ in range(batches):
+                x, y = loader.next_batch()
+                _, loss = model(x, y)
+                nll += float(loss) * y.numel()
+                n_bytes += int(token_bytes[y].sum())
+        engine = Engine(model, tokenizer, batch_size=1)
+        params = SamplingParams(max_tokens=cfg.new_tokens, temperature=0, stop_token_ids=[])
+        engine.generate(["Once upon a time"], params)  # warm-up
+        start = time.perf_counter()
+        engine.generate(["Once upon a time"], params)
+        tok_s = cfg.new_tokens / (time.perf_counter() - start)
+        size = (Path(path) / "model.pt").stat().st_size
+        results[name] = {"bytes": size, "decode_tokens_per_s": tok_s, "val_bpb": nll / (math.log(2) * n_bytes),
+                         "val_tokens": batches * 8 * seq_len}
+        r = results[name]
+        rows.append((name, f"{size / 2**20:.2f} MiB", f"{tok_s:,.0f}", f"{r['val_bpb']:.4f}"))
+    full, int8 = results.values()
+    rows.append(("int8 / full", f"{int8['bytes'] / full['bytes']:.2f}x",
+                 f"{int8['decode_tokens_per_s'] / full['decode_tokens_per_s']:.2f}x",
+                 f"{int8['val_bpb'] - full['val_bpb']:+.4f}"))
+    print(f"{source}, CPU, {torch.get_num_threads()} threads; bits per byte on {full['val_tokens']:,} validation "
+          f"tokens of {data_dir}")
+    print(table(rows, ("model", "model.pt", "decode tokens/s (batch 1)", "val bits/byte")))
+    Path(cfg.out, "edge.json").write_text(json.dumps(results, indent=1))
     return results
 
 
@@ -608,7 +691,8 @@ def bench_lora(argv) -> dict:
 
 
 BENCHMARKS = {"lora": bench_lora, "langid": bench_langid, "data": bench_data, "train": bench_train, "ttl": bench_ttl, "kernels": bench_kernels,
-              "forgetting": bench_forgetting, "generate": bench_generate}
+              "forgetting": bench_forgetting, "generate": bench_generate,
+              "edge": bench_edge}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:

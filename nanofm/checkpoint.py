@@ -210,6 +210,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
     except TypeError as exc:
         raise CheckpointError(f"{ckpt}/meta.json has a model section this nanofm cannot build ({exc})") from None
     state = _torch_load(ckpt / "model.pt", "model weights")
+    if meta.get("quantization"):  # an int8 export (nanofm.quantize): int8 modules take the weights
+        from nanofm import quantize
+        quantize.prepare_for_loading(model)
     if meta.get("adapters"):
         _load_adapters(model, state, meta["adapters"], ckpt)
     else:

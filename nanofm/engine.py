@@ -137,7 +137,7 @@ class RunningBatch:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, slots: int, device, dtype, end_ids: list[int]):
         self.model, self.tokenizer, self.device, self.dtype, self.end_ids = model, tokenizer, device, dtype, end_ids
         self.block = model.cfg.block_size
-        self.cache = KVCache(model.cfg, slots, 2 * self.block, device, model.lm_head.weight.dtype)
+        self.cache = KVCache(model.cfg, slots, 2 * self.block, device, model.compute_dtype)
         self.cache.valid[:] = False
         self.cache.padded = True  # rows start at different columns: attention always reads the mask
         self.cache.pos = self.block  # the pointer: the next decode step writes this column

@@ -283,6 +283,12 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The float type the weights hold (the KV cache's): that of the first float tensor, since an
+        int8 export (nanofm.quantize) keeps its matrices as int8 and only norms etc. as floats."""
+        return next(t.dtype for t in [*self.parameters(), *self.buffers()] if t.is_floating_point())
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters (shared ones once). non_embedding leaves out the lookup tables that cost no
         matmul FLOPs: position embeddings, and the input embeddings when they are not tied to the
@@ -381,7 +387,7 @@ class Transformer(nn.Module):
             return self.lm_head(h), self.value_head(h)[..., 0].float()
         if not self.cfg.causal:
             h = self.mlm_transform(h)
-        if targets is not None and self.lm_head.bias is None and kernels.use_kernels(h):
+        if targets is not None and type(self.lm_head) is nn.Linear and self.lm_head.bias is None and kernels.use_kernels(h):
             # fused head + loss: the [tokens, vocab] logits are never materialised, so none are returned
             loss = kernels.linear_cross_entropy(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1))
             return None, loss
@@ -443,7 +449,7 @@ class Transformer(nn.Module):
         total = idx.size(1) + max_new_tokens
         if total > self.cfg.block_size:
             raise ConfigError(f"prompt ({idx.size(1)}) + max_new_tokens ({max_new_tokens}) exceeds the context of {self.cfg.block_size}")
-        cache = KVCache(self.cfg, idx.size(0), total, idx.device, self.lm_head.weight.dtype) if use_cache else None
+        cache = KVCache(self.cfg, idx.size(0), total, idx.device, self.compute_dtype) if use_cache else None
         out, step_input = idx, idx
         was_training = self.training
         self.eval()  # no dropout while sampling (and no draws from the global RNG)
