@@ -482,6 +482,7 @@ def bench_generate(argv) -> dict:
         model = model.to(torch.bfloat16)
     tokenizer = Tokenizer.from_merges([])  # bytes only: ids for the prompts and the end token
     engine = Engine(model, tokenizer, batch_size=batch)
+    compiled = Engine(model, tokenizer, batch_size=batch, compile=True)  # decode steps through torch.compile
     prompt = torch.randint(0, 256, (cfg.prompt_tokens,)).tolist()
     params = SamplingParams(max_tokens=new, temperature=0, stop_token_ids=[])
 
@@ -498,6 +499,8 @@ def bench_generate(argv) -> dict:
     runs = {
         "engine, KV cache, batch 1": (1, lambda: engine.generate([prompt], params)),
         f"engine, KV cache, batch {batch}": (batch, lambda: engine.generate([prompt] * batch, params)),
+        "engine, compiled decode, batch 1": (1, lambda: compiled.generate([prompt], params)),
+        f"engine, compiled decode, batch {batch}": (batch, lambda: compiled.generate([prompt] * batch, params)),
         "recompute every token (no cache), batch 1": (1, lambda: model.generate(
             torch.tensor([prompt], device=device), new, temperature=0, use_cache=False)),
     }
@@ -520,12 +523,15 @@ def bench_generate(argv) -> dict:
         seconds = timed(fn)
         results[name] = {"batch": n, "new_tokens": new, "seconds": seconds, "tokens_per_s": n * new / seconds}
         rows.append((name, f"{n} x {new}", f"{seconds:.2f} s", f"{n * new / seconds:,.0f}"))
-    one, many, naive, hf_one, hf_many = (results[k]["tokens_per_s"] for k in runs)
+    one, many, compiled_one, compiled_many, naive, hf_one, hf_many = (results[k]["tokens_per_s"] for k in runs)
     rows.append(("KV cache / recompute, batch 1", "", "", f"{one / naive:.1f}x"))
     rows.append((f"batch {batch} / batch 1", "", "", f"{many / one:.1f}x"))
-    rows.append(("engine / transformers, batch 1", "", "", f"{one / hf_one:.2f}x"))
-    rows.append((f"engine / transformers, batch {batch}", "", "", f"{many / hf_many:.2f}x"))
-    results["engine / transformers"] = {"batch 1": one / hf_one, f"batch {batch}": many / hf_many}
+    results["engine / transformers"] = {}
+    for n, eager, comp, peer in [(1, one, compiled_one, hf_one), (batch, many, compiled_many, hf_many)]:
+        best = "compiled" if comp > eager else "eager"
+        ratio = max(eager, comp) / peer
+        rows.append((f"engine ({best}) / transformers, batch {n}", "", "", f"{ratio:.2f}x"))
+        results["engine / transformers"][f"batch {n}"] = {"ratio": ratio, "engine": best}
     print(f"{'gpt2 bf16 on ' + torch.cuda.get_device_name() if cuda else 'tiny fp32 on CPU'}, prompt {cfg.prompt_tokens} tokens")
     print(table(rows, ("generation", "sequences x new tokens", "time", "tokens/s")))
     Path(cfg.out).mkdir(exist_ok=True)
@@ -574,24 +580,27 @@ def bench_edge(argv) -> dict:
                 _, loss = model(x, y)
                 nll += float(loss) * y.numel()
                 n_bytes += int(token_bytes[y].sum())
-        engine = Engine(model, tokenizer, batch_size=1)
-        params = SamplingParams(max_tokens=cfg.new_tokens, temperature=0, stop_token_ids=[])
-        engine.generate(["Once upon a time"], params)  # warm-up
-        start = time.perf_counter()
-        engine.generate(["Once upon a time"], params)
-        tok_s = cfg.new_tokens / (time.perf_counter() - start)
+        speeds = {}
+        for compiled in (False, True):
+            engine = Engine(model, tokenizer, batch_size=1, compile=compiled)
+            params = SamplingParams(max_tokens=cfg.new_tokens, temperature=0, stop_token_ids=[])
+            engine.generate(["Once upon a time"], params)  # warm-up (and the compiler)
+            start = time.perf_counter()
+            engine.generate(["Once upon a time"], params)
+            speeds["compiled" if compiled else "eager"] = cfg.new_tokens / (time.perf_counter() - start)
         size = (Path(path) / "model.pt").stat().st_size
-        results[name] = {"bytes": size, "decode_tokens_per_s": tok_s, "val_bpb": nll / (math.log(2) * n_bytes),
+        results[name] = {"bytes": size, "decode_tokens_per_s": speeds, "val_bpb": nll / (math.log(2) * n_bytes),
                          "val_tokens": batches * 8 * seq_len}
         r = results[name]
-        rows.append((name, f"{size / 2**20:.2f} MiB", f"{tok_s:,.0f}", f"{r['val_bpb']:.4f}"))
+        rows.append((name, f"{size / 2**20:.2f} MiB", f"{speeds['eager']:,.0f}", f"{speeds['compiled']:,.0f}",
+                     f"{r['val_bpb']:.4f}"))
     full, int8 = results.values()
-    rows.append(("int8 / full", f"{int8['bytes'] / full['bytes']:.2f}x",
-                 f"{int8['decode_tokens_per_s'] / full['decode_tokens_per_s']:.2f}x",
-                 f"{int8['val_bpb'] - full['val_bpb']:+.4f}"))
+    speed_ratio = {k: int8["decode_tokens_per_s"][k] / full["decode_tokens_per_s"][k] for k in ("eager", "compiled")}
+    rows.append(("int8 / full", f"{int8['bytes'] / full['bytes']:.2f}x", f"{speed_ratio['eager']:.2f}x",
+                 f"{speed_ratio['compiled']:.2f}x", f"{int8['val_bpb'] - full['val_bpb']:+.4f}"))
     print(f"{source}, CPU, {torch.get_num_threads()} threads; bits per byte on {full['val_tokens']:,} validation "
           f"tokens of {data_dir}")
-    print(table(rows, ("model", "model.pt", "decode tokens/s (batch 1)", "val bits/byte")))
+    print(table(rows, ("model", "model.pt", "decode tokens/s, batch 1, eager", "compiled", "val bits/byte")))
     Path(cfg.out, "edge.json").write_text(json.dumps(results, indent=1))
     return results
 

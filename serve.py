@@ -71,7 +71,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa
 
 from nanofm import chat, quantize  # noqa: E402
 from nanofm.checkpoint import load_for_inference, resolve  # noqa: E402
-from nanofm.common import NanofmError, pick_device, run_cli  # noqa: E402
+from nanofm.common import ConfigError, NanofmError, pick_device, run_cli  # noqa: E402
 from nanofm.config import parse_config  # noqa: E402
 from nanofm.engine import Engine, SamplingParams  # noqa: E402
 from nanofm.interactions import InteractionLog  # noqa: E402
@@ -97,6 +97,7 @@ class ServeConfig:
     watch: bool = False  # reload when --ckpt (a run directory) gets a new latest checkpoint
     watch_seconds: float = 10.0  # how often --watch looks
     int8: bool = False  # quantize the weights to int8 at load (nanofm.quantize; an int8 export needs no flag)
+    compile: str = "auto"  # auto | true | false: decode steps through torch.compile (auto: on CUDA, with CUDA graphs)
 
 
 # ------------------------------------------------------------------ request shapes (OpenAI's)
@@ -518,13 +519,19 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
 
 
 def load_app(cfg: ServeConfig) -> FastAPI:
+    if cfg.compile not in ("auto", "true", "false"):
+        raise ConfigError(f"--compile must be auto, true or false, not {cfg.compile!r}")
     device = pick_device(cfg.device)
 
     def load(path: str) -> tuple[Engine, dict, str]:
         model, meta, tokenizer = load_for_inference(path, device)
         if cfg.int8 and not quantize.is_quantized(model):  # reloads are quantized too
             model = quantize.quantize_model(model)
-        return Engine(model, tokenizer, device=device, batch_size=cfg.slots), meta, str(resolve(path))
+        engine = Engine(model, tokenizer, device=device, batch_size=cfg.slots,
+                        compile=cfg.compile == "true" or (cfg.compile == "auto" and str(device).startswith("cuda")))
+        if engine.decode is not None:  # compile now, not during the first user's request
+            engine.generate([[tokenizer.bos_id]] * cfg.slots, SamplingParams(max_tokens=2, temperature=0))
+        return engine, meta, str(resolve(path))
 
     engine, meta, path = load(cfg.ckpt)
     name = cfg.name or resolve(cfg.ckpt).parent.name

@@ -158,20 +158,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class KVCache:
     """Keys and values of every layer for the positions processed so far, and which of those
-    positions are real tokens (False for the left padding of a batch of unequal prompts)."""
+    positions are real tokens (False for the left padding of a batch of unequal prompts).
+    One tensor per layer (not one for all): a compiled decode step then updates each in place,
+    where views of one shared tensor would make torch.compile copy the whole cache every step."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
-        self.pos, self.max_len, self.padded = 0, max_len, False
+        self.pos, self.max_len, self.padded, self.dtype = 0, max_len, False, dtype
         self.start = 0  # attention reads columns start..pos (continuous batching skips the columns no row uses)
+        self.column: torch.Tensor | None = None  # decode_step writes this column (a tensor: no retrace per step)
+        self.end: int | None = None  # decode_step reads columns start..end (None: to the right edge)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.column is not None:  # decode_step: one new column; attention reads start..end
+            self.k[layer].index_copy_(2, self.column, k.to(self.dtype))  # autocast may hand bf16 to an fp32 cache
+            self.v[layer].index_copy_(2, self.column, v.to(self.dtype))
+            return self.k[layer][:, :, self.start:self.end], self.v[layer][:, :, self.start:self.end]
         t = k.size(2)
-        self.k[layer, :, :, self.pos:self.pos + t] = k
-        self.v[layer, :, :, self.pos:self.pos + t] = v
-        return self.k[layer, :, :, self.start:self.pos + t], self.v[layer, :, :, self.start:self.pos + t]
+        self.k[layer][:, :, self.pos:self.pos + t] = k
+        self.v[layer][:, :, self.pos:self.pos + t] = v
+        return self.k[layer][:, :, self.start:self.pos + t], self.v[layer][:, :, self.start:self.pos + t]
 
 
 class Attention(nn.Module):
@@ -370,6 +379,27 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, 1, vocab] of one new token per row (tokens, positions [B, 1]), written to the
+        cache column `cache.column` (a tensor), attending to the columns `cache.valid` marks from
+        cache.start to cache.end. The continuous batch's decode step: compiled, no Python int changes
+        from step to step (the column is a tensor, start 0 and end None: every column), so
+        torch.compile traces it once and, on CUDA, can replay it as a CUDA graph; eager, it reads only
+        the columns in use. The caller keeps positions inside the context."""
+        cfg = self.cfg
+        x = self.transformer.wte(tokens)
+        rope = None
+        if cfg.pos == "learned":
+            x = x + self.transformer.wpe(positions)
+        else:
+            rope = (self.rope_cos[positions], self.rope_sin[positions])
+        if "ln_emb" in self.transformer:
+            x = self.transformer.ln_emb(x)
+        mask = cache.valid[:, None, None, cache.start:cache.end]  # the keys a row may see: its own, the new one too
+        for block in self.transformer.h:
+            x = block(x, rope, mask, cache)
+        return self.lm_head(self.transformer.ln_f(x))
 
     def forward(self, idx, targets=None, attention_mask=None, cache: KVCache | None = None, positions=None,
                 head: str = "lm"):

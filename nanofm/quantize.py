@@ -97,6 +97,8 @@ _compiled_gemv = None  # compiled on first use (seconds); None after a failure m
 
 def _gemv(x, q, scale):
     global _compiled_gemv
+    if torch.compiler.is_compiling():  # inside a compiled decode step: part of its graph
+        return _gemv_fused(x, q, scale)
     if _compiled_gemv is None:
         _compiled_gemv = torch.compile(_gemv_fused, dynamic=True)  # one graph for every shape
     if _compiled_gemv is not False:

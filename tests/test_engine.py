@@ -166,3 +166,20 @@ def test_the_shared_cache_shifts_left_and_a_cancelled_request_frees_its_slot(tok
             batch.add(engine.new_row(PROMPTS[0], again))
     assert shifts >= 2 and second.finish_reason is None and second not in batch.rows  # cancelled, not finished
     assert len(done) >= 7 and all(row.ids == expected for row in done)  # still exact across the shifts
+
+
+def test_compiled_decode_steps_give_the_eager_tokens_and_trace_once(tok):
+    """torch.compile on CPU (the CUDA-graph path's trace, minus the graphs): the same tokens as
+    eager decoding, through joins, leaves and shifts of the shared cache, from one trace."""
+    from torch._dynamo.utils import counters
+    model = make_model(tok)
+    eager, compiled = Engine(model, tok, batch_size=2), Engine(model, tok, batch_size=2, compile=True)
+    prompts = [f"{p} {i}" for i in range(2) for p in PROMPTS]  # 8 requests through 2 slots: the pointer wraps
+    params = [SamplingParams(max_tokens=25, temperature=0 if i % 3 == 0 else 0.8, seed=i, stop_token_ids=[])
+              for i in range(len(prompts))]
+    counters.clear()
+    got = compiled.generate(prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in eager.generate(prompts, params)]
+    assert counters["stats"]["unique_graphs"] == 1  # one trace serves every step
+    for a, b in zip(got, eager.generate(prompts, params)):
+        assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4)

@@ -98,7 +98,9 @@ def test_serve_int8_flag_quantizes_at_load_and_an_export_loads_without_it(tok, t
     from fastapi.testclient import TestClient
     full = save(make_model(tok), tok, tmp_path)
     exported = quantize.export(full, tmp_path / "int8")
-    for ckpt, flag in [(full, ["--int8"]), (exported, []), (full, [])]:
+    with pytest.raises(ConfigError, match="--compile must be"):
+        serve.load_app(serve.parse_config(serve.ServeConfig, ["--ckpt", str(full), "--compile=yes"]))
+    for ckpt, flag in [(full, ["--int8", "--compile=true"]), (exported, []), (full, [])]:
         cfg = serve.parse_config(serve.ServeConfig, ["--ckpt", str(ckpt), "--log=", "--device=cpu", *flag])
         app = serve.load_app(cfg)
         client = TestClient(app)
@@ -107,3 +109,12 @@ def test_serve_int8_flag_quantizes_at_load_and_an_export_loads_without_it(tok, t
         assert out["choices"][0]["finish_reason"] in ("stop", "length")
         health = client.get("/health").json()
         assert health["quantization"] == (None if ckpt == full and not flag else quantize.METHOD), (ckpt, flag)
+
+
+def test_an_int8_model_decodes_the_same_compiled_and_eager(tok):  # noqa: F811
+    int8 = quantize.quantize_model(make_model(tok))
+    params = SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[])
+    prompts = ["The river", "A"]
+    eager = Engine(int8, tok).generate(prompts, params)
+    compiled = Engine(int8, tok, compile=True).generate(prompts, params)
+    assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]

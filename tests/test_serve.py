@@ -128,7 +128,7 @@ def test_invalid_json_and_a_base_model_asked_to_chat(served):
 
 def test_the_scheduler_cancels_a_request_and_keeps_serving(tok):  # noqa: F811
     model = make_model(tok)
-    model.register_forward_pre_hook(lambda module, args: time.sleep(0.01))  # 60 tokens take > 0.6 s
+    model.transformer.h[0].register_forward_pre_hook(lambda m, args: time.sleep(0.01))  # 60 tokens take > 0.6 s
     engine = Engine(model, tok)
     scheduler = Scheduler(engine, slots=1)
     events, done = [], threading.Event()
@@ -248,7 +248,7 @@ def test_reload_keeps_in_flight_requests_on_the_old_model_and_survives_a_bad_che
     torch.manual_seed(1)
     for p in new_model.parameters():  # another set of weights: the two models write different text
         p.data.normal_(0, 0.2)
-    old_model.register_forward_pre_hook(lambda module, args: time.sleep(0.005))  # a slow old model: still busy at reload
+    old_model.transformer.h[0].register_forward_pre_hook(lambda module, args: time.sleep(0.005))  # a slow old model: still busy at reload
     old, new = Engine(old_model, tok), Engine(new_model, tok)
 
     def load(path):
@@ -280,7 +280,7 @@ def test_reload_keeps_in_flight_requests_on_the_old_model_and_survives_a_bad_che
 def test_api_key_body_size_max_tokens_and_the_pending_limit(tok):  # noqa: F811
     import serve
     model = make_model(tok)
-    model.register_forward_pre_hook(lambda module, args: time.sleep(0.005))  # slow enough to be caught in flight
+    model.transformer.h[0].register_forward_pre_hook(lambda module, args: time.sleep(0.005))  # slow enough to be caught in flight
     limits = serve.Limits(api_key="secret", max_body_bytes=2000, max_tokens_limit=30, max_pending=1)
     url, server = start(serve.make_app(Engine(model, tok), "m", chat.CHAT_FORMAT, slots=2, limits=limits))
 
