@@ -8,6 +8,7 @@ JSON under bench_out/ (gitignored).
     python bench.py forgetting  # continued pretraining: new-domain gain, old-domain forgetting, replay
     python bench.py generate  # generation tokens/s: the engine (KV cache, batched) vs recomputing, vs transformers
     python bench.py edge      # the int8 export vs the full model: size, decode speed, bits per byte
+    python bench.py serve     # serve.py under load: 64 concurrent streaming clients vs one by one
     python bench.py langid    # language-ID thresholds: English documents removed, non-English kept
     python bench.py lora      # LoRA vs full fine-tuning: parameters, checkpoint, memory, steps/s, metric
 
@@ -606,6 +607,142 @@ def bench_edge(argv) -> dict:
 
 
 @dataclass
+class ServeBenchConfig:
+    ckpt: str = "out/sft"  # the checkpoint serve.py serves
+    clients: int = 64  # concurrent streaming clients (and requests in the one-by-one run)
+    endpoint: str = "chat"  # chat (short answers from a chat model) | completions (text runs on to max_tokens more often)
+    max_tokens: int = 64  # per request
+    slots: int = 16  # the server's running batch
+    timeout: float = 600.0  # seconds each phase may take before the benchmark gives up
+    out: str = "bench_out"  # the JSON results, and the run's interaction log
+
+
+def bench_serve(argv) -> dict:
+    """A load test of serve.py on 127.0.0.1: the same requests (streamed chat completions, fixed
+    seeds) sent one by one, then by `clients` concurrent clients. Time to first token and per-token
+    latency from the client's side, aggregate tokens/s, errors, and whether every request reached
+    the interaction log."""
+    cfg = parse_config(ServeBenchConfig, argv)
+    import http.client
+    import socket
+    import statistics
+    import subprocess
+    import threading
+
+    from nanofm.interactions import InteractionLog
+
+    if cfg.endpoint not in ("chat", "completions"):
+        raise SystemExit(f"--endpoint must be chat or completions, not {cfg.endpoint!r}")
+    chat = cfg.endpoint == "chat"
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    Path(cfg.out).mkdir(exist_ok=True)
+    log_path = Path(cfg.out, "serve-bench.db")
+    for leftover in Path(cfg.out).glob("serve-bench.db*"):
+        leftover.unlink()
+    server = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--ckpt", cfg.ckpt, "--port", str(port),
+                               "--slots", str(cfg.slots), "--log", str(log_path), "--name", "bench",
+                               "--max_pending", str(4 * cfg.clients)])
+    prompts = ["What is 17 + 25?", "Write a short poem about the sea.", "Sort these words: pear apple fig",
+               "Tell me about the king.", "Reverse the word garden.", "How many letters are in 'window'?",
+               "Say something kind.", "Who wrote this play?"]
+
+    def request(i: int) -> dict:
+        """One streamed chat completion; the client-side timings of its content chunks."""
+        prompt = prompts[i % len(prompts)]
+        body = json.dumps({"model": "bench", "max_tokens": cfg.max_tokens, "temperature": 0.8, "seed": i, "stream": True,
+                           **({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})})
+        start, chunks, request_id = time.perf_counter(), [], None
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=cfg.timeout)
+            conn.request("POST", path, body, {"content-type": "application/json"})
+            response = conn.getresponse()
+            if response.status != 200:
+                return {"error": f"HTTP {response.status}: {response.read()[:200]!r}"}
+            for line in response:
+                line = line.strip()
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                request_id = chunk["id"]
+                if (chunk["choices"][0]["delta"].get("content") if chat else chunk["choices"][0]["text"]):
+                    chunks.append(time.perf_counter() - start)
+            conn.close()
+        except (OSError, http.client.HTTPException, json.JSONDecodeError) as exc:
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        return {"id": request_id, "chunks": chunks, "seconds": time.perf_counter() - start}
+
+    def phase(concurrent: bool) -> tuple[list[dict], float]:
+        results: list = [None] * cfg.clients
+        start = time.perf_counter()
+        if concurrent:
+            threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, request(i)))
+                       for i in range(cfg.clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(cfg.timeout)
+        else:
+            for i in range(cfg.clients):
+                results[i] = request(i)
+        return [r or {"error": "no answer in time"} for r in results], time.perf_counter() - start
+
+    try:
+        for _ in range(600):  # the model loads (and compiles) before the port opens
+            if server.poll() is not None:
+                raise SystemExit(f"serve.py exited with status {server.returncode} before it was ready")
+            try:
+                http.client.HTTPConnection("127.0.0.1", port, timeout=1).request("GET", "/health")
+                break
+            except OSError:
+                time.sleep(0.2)
+        request(0)  # warm-up
+        runs = {"one by one": phase(concurrent=False), f"{cfg.clients} concurrent": phase(concurrent=True)}
+    finally:
+        server.terminate()
+        server.wait(30)
+    log = InteractionLog(log_path)
+    logged = {row["id"]: row for row in log.requests()}
+    log.close()
+
+    def pct(values, q):
+        values = sorted(values)
+        return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+    results, rows = {}, []
+    for name, (answers, seconds) in runs.items():
+        ok = [a for a in answers if "error" not in a]
+        tokens = sum(logged[a["id"]]["completion_tokens"] for a in ok if a["id"] in logged)
+        ttft = [a["chunks"][0] for a in ok if a["chunks"]]
+        per_token = [(a["chunks"][-1] - a["chunks"][0]) / (len(a["chunks"]) - 1) for a in ok if len(a["chunks"]) > 1]
+        r = results[name] = {
+            "requests": len(answers), "errors": len(answers) - len(ok),
+            "error_examples": [a["error"] for a in answers if "error" in a][:3],
+            "log_rows_lost": sum(a["id"] not in logged for a in ok), "seconds": seconds,
+            "completion_tokens": tokens, "tokens_per_s": tokens / seconds,
+            "ttft_p50_ms": 1000 * pct(ttft, 0.5), "ttft_p99_ms": 1000 * pct(ttft, 0.99),
+            "per_token_p50_ms": 1000 * pct(per_token, 0.5), "per_token_p99_ms": 1000 * pct(per_token, 0.99),
+            "mean_tokens_per_request": statistics.mean(logged[a["id"]]["completion_tokens"] for a in ok) if ok else 0}
+        rows.append((name, r["requests"], f"{r['seconds']:.1f} s", f"{r['tokens_per_s']:,.0f}",
+                     f"{r['ttft_p50_ms']:,.0f} / {r['ttft_p99_ms']:,.0f}",
+                     f"{r['per_token_p50_ms']:.1f} / {r['per_token_p99_ms']:.1f}", r["errors"], r["log_rows_lost"]))
+    sequential, concurrent = results.values()
+    results["concurrent / one by one"] = concurrent["tokens_per_s"] / sequential["tokens_per_s"]
+    print(f"serve.py --ckpt {cfg.ckpt} --slots {cfg.slots} on 127.0.0.1; streamed {path}, max_tokens "
+          f"{cfg.max_tokens}, temperature 0.8, {concurrent['mean_tokens_per_request']:.1f} tokens per reply on average")
+    print(table(rows, ("requests", "n", "wall time", "tokens/s", "TTFT p50 / p99 (ms)", "per token p50 / p99 (ms)",
+                       "errors", "log rows lost")))
+    print(f"aggregate tokens/s, concurrent / one by one: {results['concurrent / one by one']:.1f}x")
+    for name, r in results.items():
+        if isinstance(r, dict) and r["errors"]:
+            print(f"{name}: errors such as {r['error_examples']}")
+    Path(cfg.out, "serve.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+@dataclass
 class LangIdConfig:
     languages: str = "en"  # the languages curation keeps
     thresholds: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.3, 0.4, 0.5, 0.65])  # minimum scores to try
@@ -701,7 +838,7 @@ def bench_lora(argv) -> dict:
 
 BENCHMARKS = {"lora": bench_lora, "langid": bench_langid, "data": bench_data, "train": bench_train, "ttl": bench_ttl, "kernels": bench_kernels,
               "forgetting": bench_forgetting, "generate": bench_generate,
-              "edge": bench_edge}
+              "edge": bench_edge, "serve": bench_serve}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:

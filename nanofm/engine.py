@@ -230,13 +230,17 @@ class RunningBatch:
             # the pointer column is every row's new token (a free slot's too: it sees itself, no NaN)
             self.cache.valid[:, self.cache.pos] = True
             self.cache.column.fill_(self.cache.pos)
-            self.cache.end = None if self.compiled else self.cache.pos + 1  # eager: only the columns in use
+            # eager: only the columns in use, and only the slots up to the last busy one (slots are
+            # taken lowest first); compiled: always all of them (fixed shapes, one trace)
+            self.cache.end = None if self.compiled else self.cache.pos + 1
+            n = len(self.rows) if self.compiled else 1 + max(b for b, row in enumerate(self.rows) if row is not None)
+            self.cache.rows = n
             with autocast(self.device, self.dtype):
-                logits = self.decode(tokens[:, None], self.next_pos.clamp(max=self.block - 1), self.cache)
+                logits = self.decode(tokens[:n, None], self.next_pos[:n].clamp(max=self.block - 1), self.cache)
             self.cache.pos += 1
             self.next_pos += 1
-            # a copy: a replayed CUDA graph writes its next output into the same memory
-            self.last_logits = logits[:, -1, :self.tokenizer.vocab_size].float().clone()
+            # copied out: a replayed CUDA graph writes its next output into the same memory
+            self.last_logits[:n] = logits[:, -1, :self.tokenizer.vocab_size].float()
         return finished
 
     def _shift_left(self, n: int) -> None:

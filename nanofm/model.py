@@ -171,12 +171,14 @@ class KVCache:
         self.start = 0  # attention reads columns start..pos (continuous batching skips the columns no row uses)
         self.column: torch.Tensor | None = None  # decode_step writes this column (a tensor: no retrace per step)
         self.end: int | None = None  # decode_step reads columns start..end (None: to the right edge)
+        self.rows: int | None = None  # decode_step runs the first `rows` rows (None: all)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.column is not None:  # decode_step: one new column; attention reads start..end
-            self.k[layer].index_copy_(2, self.column, k.to(self.dtype))  # autocast may hand bf16 to an fp32 cache
-            self.v[layer].index_copy_(2, self.column, v.to(self.dtype))
-            return self.k[layer][:, :, self.start:self.end], self.v[layer][:, :, self.start:self.end]
+            keys, values = self.k[layer][:self.rows], self.v[layer][:self.rows]
+            keys.index_copy_(2, self.column, k.to(self.dtype))  # autocast may hand bf16 to an fp32 cache
+            values.index_copy_(2, self.column, v.to(self.dtype))
+            return keys[:, :, self.start:self.end], values[:, :, self.start:self.end]
         t = k.size(2)
         self.k[layer][:, :, self.pos:self.pos + t] = k
         self.v[layer][:, :, self.pos:self.pos + t] = v
@@ -381,9 +383,9 @@ class Transformer(nn.Module):
         return self.transformer.ln_f(x)
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits [B, 1, vocab] of one new token per row (tokens, positions [B, 1]), written to the
-        cache column `cache.column` (a tensor), attending to the columns `cache.valid` marks from
-        cache.start to cache.end. The continuous batch's decode step: compiled, no Python int changes
+        """Logits [B, 1, vocab] of one new token per row (tokens, positions [B, 1]; B = cache.rows
+        when set: the first rows of the cache), written to the cache column `cache.column` (a
+        tensor), attending to the columns `cache.valid` marks from cache.start to cache.end. The continuous batch's decode step: compiled, no Python int changes
         from step to step (the column is a tensor, start 0 and end None: every column), so
         torch.compile traces it once and, on CUDA, can replay it as a CUDA graph; eager, it reads only
         the columns in use. The caller keeps positions inside the context."""
@@ -396,7 +398,7 @@ class Transformer(nn.Module):
             rope = (self.rope_cos[positions], self.rope_sin[positions])
         if "ln_emb" in self.transformer:
             x = self.transformer.ln_emb(x)
-        mask = cache.valid[:, None, None, cache.start:cache.end]  # the keys a row may see: its own, the new one too
+        mask = cache.valid[:cache.rows, None, None, cache.start:cache.end]  # the keys a row may see: its own, the new one too
         for block in self.transformer.h:
             x = block(x, rope, mask, cache)
         return self.lm_head(self.transformer.ln_f(x))
