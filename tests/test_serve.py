@@ -316,6 +316,33 @@ def test_api_key_body_size_max_tokens_and_the_pending_limit(tok):  # noqa: F811
     server.should_exit = True
 
 
+def test_a_100_mb_body_gets_a_413_without_being_read_and_a_chunked_body_a_411(served):
+    import http.client
+    host, port = served["url"].removeprefix("http://").split(":")
+    size, sent = 100 * 2**20, 0
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {size}\r\n\r\n".encode())
+        chunk = b"x" * 2**20
+        sock.sendall(chunk)
+        sent += len(chunk)
+        status = sock.recv(4096).split(b"\r\n")[0]
+        assert b" 413 " in status + b" "  # answered after the headers, before the body
+        try:  # the rest of the 100 MB: the server reads none of it (the connection may be closed under us)
+            while sent < size:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass
+    assert urllib.request.urlopen(served["url"] + "/health", timeout=30).status == 200  # still serving
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/completions", body=iter([b'{"model": "tiny", ', b'"prompt": "A"}']),
+                 headers={"content-type": "application/json"}, encode_chunked=True)
+    response = conn.getresponse()
+    assert response.status == 411 and "Content-Length" in json.loads(response.read())["error"]["message"]
+    conn.close()
+
+
 def test_the_chat_page_in_a_real_browser_streams_keeps_the_conversation_and_rates(tok, tmp_path):  # noqa: F811
     import shutil
     import os
@@ -440,3 +467,22 @@ def test_watch_reloads_when_the_run_gets_a_new_latest_checkpoint(tok, tmp_path):
     fourth = checkpoint(4)
     assert wait_for(fourth)
     server.should_exit = True
+
+
+def test_a_missing_or_corrupt_checkpoint_at_start_is_a_clear_error(base, tmp_path):  # noqa: F811
+    import shutil
+    import serve
+    from nanofm.checkpoint import resolve
+    from nanofm.common import NanofmError
+
+    def start_up(ckpt):
+        return serve.load_app(serve.parse_config(serve.ServeConfig, ["--ckpt", str(ckpt), "--log=", "--device=cpu"]))
+
+    with pytest.raises(NanofmError, match="nowhere"):
+        start_up(tmp_path / "nowhere")
+    broken = tmp_path / "broken"
+    shutil.copytree(resolve(base), broken)
+    (broken / "model.pt").write_bytes(b"not weights")
+    with pytest.raises(NanofmError, match="corrupt"):
+        start_up(broken)
+    assert (broken / "model.pt").read_bytes() == b"not weights"  # left as it was
