@@ -351,14 +351,7 @@ class Transformer(nn.Module):
             positions = torch.arange(start, start + T, device=idx.device)
         elif int(positions.max()) >= cfg.block_size:
             raise ConfigError(f"position {int(positions.max())} is beyond the context of {cfg.block_size}")
-        x = self.transformer.wte(idx)
-        rope = None
-        if cfg.pos == "learned":
-            x = x + self.transformer.wpe(positions)
-        else:
-            rope = (self.rope_cos[positions], self.rope_sin[positions])
-        if "ln_emb" in self.transformer:
-            x = self.transformer.ln_emb(x)
+        x, rope = self._embed(idx, positions)
         x = self.transformer.drop(x)
         attn_mask = None
         if cache is not None and attention_mask is not None:
@@ -382,23 +375,27 @@ class Transformer(nn.Module):
             cache.pos += T
         return self.transformer.ln_f(x)
 
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits [B, 1, vocab] of one new token per row (tokens, positions [B, 1]; B = cache.rows
-        when set: the first rows of the cache), written to the cache column `cache.column` (a
-        tensor), attending to the columns `cache.valid` marks from cache.start to cache.end. The continuous batch's decode step: compiled, no Python int changes
-        from step to step (the column is a tensor, start 0 and end None: every column), so
-        torch.compile traces it once and, on CUDA, can replay it as a CUDA graph; eager, it reads only
-        the columns in use. The caller keeps positions inside the context."""
-        cfg = self.cfg
-        x = self.transformer.wte(tokens)
-        rope = None
-        if cfg.pos == "learned":
+    def _embed(self, idx, positions):
+        """Token embeddings (+ learned positions, or the RoPE tables for these positions)."""
+        x, rope = self.transformer.wte(idx), None
+        if self.cfg.pos == "learned":
             x = x + self.transformer.wpe(positions)
         else:
             rope = (self.rope_cos[positions], self.rope_sin[positions])
         if "ln_emb" in self.transformer:
             x = self.transformer.ln_emb(x)
-        mask = cache.valid[:cache.rows, None, None, cache.start:cache.end]  # the keys a row may see: its own, the new one too
+        return x, rope
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, 1, vocab] of one new token per row (tokens, positions [B, 1]; B = cache.rows
+        when set: the first rows of the cache), written to the cache column `cache.column` (a
+        tensor), attending to the columns `cache.valid` marks from cache.start to cache.end.
+        The continuous batch's decode step. Compiled, no Python int changes from step to step
+        (the column is a tensor; start 0 and end None: every column), so torch.compile traces it
+        once and, on CUDA, can replay it as a CUDA graph; eager, it reads only the columns in
+        use. The caller keeps positions inside the context."""
+        x, rope = self._embed(tokens, positions)
+        mask = cache.valid[:cache.rows, None, None, cache.start:cache.end]  # a row's own keys, the new one too
         for block in self.transformer.h:
             x = block(x, rope, mask, cache)
         return self.lm_head(self.transformer.ln_f(x))
