@@ -74,7 +74,7 @@ from nanofm.checkpoint import load_for_inference, resolve  # noqa: E402
 from nanofm.common import ConfigError, NanofmError, pick_device, run_cli  # noqa: E402
 from nanofm.config import parse_config  # noqa: E402
 from nanofm.engine import Engine, SamplingParams  # noqa: E402
-from nanofm.interactions import InteractionLog  # noqa: E402
+from nanofm.interactions import InteractionLog, LogError  # noqa: E402
 from nanofm.scheduler import Scheduler  # noqa: E402
 
 
@@ -89,7 +89,7 @@ class ServeConfig:
     port: int = 8000
     slots: int = 16  # requests decoded together (the running batch)
     device: str = "auto"  # auto | cpu | cuda | mps
-    log: str = "out/serve/interactions.db"  # the interaction log (SQLite, WAL); "" = keep none
+    log: str = "out/serve/interactions.db"  # the interaction log: an SQLite file, or a postgresql:// URL; "" = none
     api_key: str = ""  # required as "Authorization: Bearer KEY" on /v1 and /admin; "" = $NANOFM_API_KEY, else none
     max_body_bytes: int = 1_000_000  # larger request bodies get a 413
     max_tokens_limit: int = 0  # the largest max_tokens a request may ask for; 0 = the context
@@ -344,6 +344,13 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
         generated = sum(len(c.token_ids) for c in completions if c is not None)
         return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
+    def log_cancelled(*args) -> None:
+        """Log a request that ended early (a client gone, an error); a log that is down is reported."""
+        try:
+            log_request(*args[:-1], "cancelled", args[-1])
+        except LogError as exc:
+            print(f"warning: a cancelled request was not logged: {exc}", file=sys.stderr)
+
     def log_request(rid, endpoint, body: Sampling, prompt, rows, texts, completions, started, finish, checkpoint) -> None:
         """One row per request, committed before the client sees the end of its answer."""
         counts = usage(rows, completions)
@@ -425,9 +432,13 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
                     pass
             finally:
                 if not all(completions):  # an error or a client gone: still logged
-                    log_request(rid, endpoint, body, prompt, rows, texts, completions, started, "cancelled", checkpoint)
-            await asyncio.to_thread(log_request, rid, endpoint, body, prompt, rows, texts, completions, started,
-                                    finish_of(completions), checkpoint)
+                    log_cancelled(rid, endpoint, body, prompt, rows, texts, completions, started, checkpoint)
+            try:
+                await asyncio.to_thread(log_request, rid, endpoint, body, prompt, rows, texts, completions, started,
+                                        finish_of(completions), checkpoint)
+            except LogError as exc:  # an answer that cannot be kept is not given: the client retries later
+                raise APIError(503, f"{exc}; the reply was not kept, so it is not sent: retry later",
+                               kind="server_error") from None
             if endpoint == "chat":
                 choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
                             "finish_reason": c.finish_reason} for i, c in enumerate(completions)]
@@ -459,14 +470,17 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
                             yield chunk(i, delta, completion)
                 except APIError as exc:
                     yield f"data: {json.dumps({'error': {'message': exc.message, 'type': exc.kind}})}\n\n"
-                await asyncio.to_thread(log_request, rid, endpoint, body, prompt, rows, texts, completions, started,
-                                        finish_of(completions), checkpoint)
+                try:
+                    await asyncio.to_thread(log_request, rid, endpoint, body, prompt, rows, texts, completions,
+                                            started, finish_of(completions), checkpoint)
+                except LogError as exc:  # the text went out already: say that it was not kept
+                    yield f"data: {json.dumps({'error': {'message': f'{exc}; this reply was not kept', 'type': 'server_error'}})}\n\n"
                 logged = True
                 yield "data: [DONE]\n\n"
             finally:
                 release()
                 if not logged:  # the client went away mid-stream: what it was sent is still logged
-                    log_request(rid, endpoint, body, prompt, rows, texts, completions, started, "cancelled", checkpoint)
+                    log_cancelled(rid, endpoint, body, prompt, rows, texts, completions, started, checkpoint)
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
@@ -511,7 +525,11 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
         if log is None:
             raise APIError(400, "this server keeps no interaction log (started with --log='')", "request_id")
         rating = {"up": 1, "down": -1}.get(body.rating, body.rating)
-        if not await asyncio.to_thread(log.record_feedback, body.request_id, rating, body.comment):
+        try:
+            known = await asyncio.to_thread(log.record_feedback, body.request_id, rating, body.comment)
+        except LogError as exc:
+            raise APIError(503, f"{exc}; the rating was not kept: retry later", kind="server_error") from None
+        if not known:
             raise APIError(404, f"no request with id {body.request_id!r} in the log", "request_id")
         return {"ok": True, "request_id": body.request_id, "rating": rating}
 

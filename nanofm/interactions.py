@@ -1,12 +1,13 @@
-"""The interaction log: every request served and every rating given, in SQLite (WAL mode), for
-monitoring (monitor.py reads it) and for turning feedback into training data.
+"""The interaction log: every request served and every rating given, for monitoring (monitor.py
+reads it) and for turning feedback into training data. SQLite (WAL mode) by default; PostgreSQL
+when given a postgresql:// URL, so several server replicas can share one log.
 
-    log = InteractionLog("out/serve/interactions.db")
+    log = InteractionLog("out/serve/interactions.db")        # or "postgresql://user@host:5432/db"
     log.record_request({"id": "chatcmpl-...", "model": "sft", "checkpoint": "out/sft/ckpt_0002999",
                         "endpoint": "chat", "prompt": [...messages...], "output": ["reply"], "settings": {...},
                         "latency_ms": 41.5, "prompt_tokens": 15, "completion_tokens": 7, "finish_reason": "stop"})
     log.record_feedback("chatcmpl-...", rating=1, comment="right answer")   # up = 1, down = -1, or 1..5
-    log.requests(since=None)        # rows as dicts, oldest first, ratings joined by request id
+    log.requests(since=None, until=None)   # rows as dicts, oldest first, ratings joined by request id
     log.close()
 
 Design decisions:
@@ -15,7 +16,11 @@ Design decisions:
   write is its own transaction, committed before the client gets its answer (serve.py).
 - One connection shared by the server's threads behind a lock, with a busy timeout so other
   processes writing the same file (several server processes on one machine) wait instead of
-  failing. Several machines need one shared store: PostgreSQL, the monitoring stage (issue 14).
+  failing.
+- PostgreSQL (psycopg 3, autocommit): the same tables and queries; only the placeholders, the
+  float type and the insertion-order column differ (`Dialect`). A server that goes away is retried
+  once with a fresh connection, then a LogError that names it: the caller decides (serve.py
+  answers 503 rather than answering without logging).
 - Prompts, outputs and settings are JSON text columns: the log keeps what was asked and said,
   as it was, and a schema change is a new column, not a migration of nested data.
 - Ratings are a separate table joined by request id: feedback may come long after the request,
@@ -28,29 +33,30 @@ import json
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from nanofm.common import NanofmError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
-    id TEXT PRIMARY KEY,
-    created REAL NOT NULL,           -- unix time the request arrived
+    id TEXT PRIMARY KEY,{seq}
+    created {float} NOT NULL,        -- unix time the request arrived
     model TEXT NOT NULL,
     checkpoint TEXT,
     endpoint TEXT NOT NULL,          -- completions | chat
     prompt TEXT NOT NULL,            -- JSON: the prompt text, or the chat messages
     output TEXT NOT NULL,            -- JSON: one text per choice
     settings TEXT NOT NULL,          -- JSON: temperature, top_p, max_tokens, seed, n, stream, ...
-    latency_ms REAL,
+    latency_ms {float},
     prompt_tokens INTEGER,
     completion_tokens INTEGER,
     finish_reason TEXT               -- stop | length | cancelled | error (the first choice's)
 );
 CREATE INDEX IF NOT EXISTS requests_created ON requests(created);
 CREATE TABLE IF NOT EXISTS feedback (
-    request_id TEXT NOT NULL REFERENCES requests(id),
-    created REAL NOT NULL,
+    request_id TEXT NOT NULL REFERENCES requests(id),{seq}
+    created {float} NOT NULL,
     rating INTEGER NOT NULL,         -- -1 (down), 1 (up), or 1..5
     comment TEXT
 );
@@ -66,44 +72,109 @@ class LogError(NanofmError):
     pass
 
 
+@dataclass(frozen=True)
+class Dialect:
+    placeholder: str  # how a query parameter is written
+    float_type: str  # unix times need double precision (PostgreSQL's REAL is 4 bytes)
+    order: str  # the column that keeps insertion order
+    seq_column: str  # its declaration, where it is not built in
+
+
+SQLITE = Dialect("?", "REAL", "rowid", "")
+POSTGRES = Dialect("%s", "DOUBLE PRECISION", "seq", "\n    seq BIGSERIAL,")
+
+
+def is_url(target: str | Path) -> bool:
+    return str(target).startswith(("postgresql://", "postgres://"))
+
+
 class InteractionLog:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, target: str | Path):
+        """target: a file path (SQLite) or a postgresql:// URL."""
+        self.target, self.lock = str(target), threading.Lock()
+        self.dialect = POSTGRES if is_url(target) else SQLITE
+        self.db = self._connect()
+
+    def describe(self) -> str:
+        """The target without a password, for messages."""
+        if self.dialect is SQLITE:
+            return self.target
+        from urllib.parse import urlsplit
+        parts = urlsplit(self.target)
+        return f"PostgreSQL at {parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+
+    def _connect(self):
+        schema = SCHEMA.format(seq=self.dialect.seq_column, float=self.dialect.float_type)
+        if self.dialect is SQLITE:
+            path = Path(self.target)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                db = sqlite3.connect(path, check_same_thread=False, timeout=30, isolation_level=None)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process kill
+                db.executescript(schema)
+            except sqlite3.DatabaseError as exc:
+                raise LogError(f"cannot open the interaction log {path}: {exc} (is it an SQLite file?)") from None
+            return db
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process kill
-            self.db.executescript(SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            raise LogError(f"cannot open the interaction log {self.path}: {exc} (is it an SQLite file?)") from None
-        self.lock = threading.Lock()
+            import psycopg
+        except ImportError:
+            raise LogError("a postgresql:// interaction log needs psycopg: pip install 'psycopg[binary]'") from None
+        try:
+            db = psycopg.connect(self.target, autocommit=True, connect_timeout=10)
+            db.execute(schema)
+        except psycopg.Error as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LogError(f"cannot open the interaction log ({self.describe()}): {first}") from None
+        return db
+
+    def _run(self, sql: str, params=(), fetch: bool = False):
+        """One statement (its own transaction); a PostgreSQL connection that broke is replaced once."""
+        sql = sql.replace("?", self.dialect.placeholder).replace("{order}", self.dialect.order)
+        with self.lock:
+            for attempt in (1, 2):
+                try:
+                    cursor = self.db.execute(sql, params)
+                    return cursor.fetchall() if fetch else None
+                except sqlite3.Error as exc:
+                    raise LogError(f"the interaction log {self.target} failed: {exc}") from None
+                except Exception as exc:  # psycopg's errors (imported lazily)
+                    if self.dialect is SQLITE or not _is_connection_error(exc):
+                        raise
+                    if attempt == 2:
+                        raise LogError(f"the interaction log ({self.describe()}) is unreachable: "
+                                       f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+                                       ) from None
+                    try:
+                        self.db.close()
+                        self.db = self._connect()
+                    except LogError as again:
+                        raise LogError(f"the interaction log is unreachable: {again}") from None
 
     def record_request(self, row: dict) -> None:
         values = {**{c: None for c in COLUMNS}, "created": time.time(), **row}
         for column in JSON_COLUMNS:
             values[column] = json.dumps(values[column], ensure_ascii=False)
-        with self.lock:
-            self.db.execute(f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
-                            [values[c] for c in COLUMNS])
+        self._run(f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+                  [values[c] for c in COLUMNS])
 
     def record_feedback(self, request_id: str, rating: int, comment: str | None = None) -> bool:
         """False when no request has that id (nothing is written)."""
-        with self.lock:
-            if self.db.execute("SELECT 1 FROM requests WHERE id = ?", (request_id,)).fetchone() is None:
-                return False
-            self.db.execute("INSERT INTO feedback (request_id, created, rating, comment) VALUES (?, ?, ?, ?)",
-                            (request_id, time.time(), int(rating), comment))
+        if not self._run("SELECT 1 FROM requests WHERE id = ?", (request_id,), fetch=True):
+            return False
+        self._run("INSERT INTO feedback (request_id, created, rating, comment) VALUES (?, ?, ?, ?)",
+                  (request_id, time.time(), int(rating), comment))
         return True
 
-    def requests(self, since: float | None = None) -> list[dict]:
-        """Every request (since a unix time), oldest first, with its latest rating and comment."""
-        query = (f"SELECT {', '.join('r.' + c for c in COLUMNS)}, "
-                 "(SELECT rating FROM feedback f WHERE f.request_id = r.id ORDER BY f.created DESC, f.rowid DESC LIMIT 1), "
-                 "(SELECT comment FROM feedback f WHERE f.request_id = r.id ORDER BY f.created DESC, f.rowid DESC LIMIT 1) "
-                 "FROM requests r WHERE r.created >= ? ORDER BY r.created, r.rowid")
-        with self.lock:
-            rows = self.db.execute(query, (since or 0.0,)).fetchall()
+    def requests(self, since: float | None = None, until: float | None = None) -> list[dict]:
+        """Every request that arrived in [since, until) (unix times), oldest first, with its
+        latest rating and comment."""
+        latest = ("(SELECT {field} FROM feedback f WHERE f.request_id = r.id "
+                  "ORDER BY f.created DESC, f.{order} DESC LIMIT 1)")
+        query = (f"SELECT {', '.join('r.' + c for c in COLUMNS)}, {latest.format(field='rating', order='{order}')}, "
+                 f"{latest.format(field='comment', order='{order}')} "
+                 "FROM requests r WHERE r.created >= ? AND r.created < ? ORDER BY r.created, r.{order}")
+        rows = self._run(query, (since or 0.0, until if until is not None else float("inf")), fetch=True)
         out = []
         for values in rows:
             row = dict(zip(COLUMNS + ("rating", "comment"), values))
@@ -113,9 +184,16 @@ class InteractionLog:
         return out
 
     def count(self) -> int:
-        with self.lock:
-            return self.db.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
+        return self._run("SELECT COUNT(*) FROM requests", fetch=True)[0][0]
 
     def close(self) -> None:
         with self.lock:
             self.db.close()
+
+
+def _is_connection_error(exc: Exception) -> bool:
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
