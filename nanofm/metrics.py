@@ -3,6 +3,7 @@
     accuracy(y_true, y_pred)
     precision_recall_f1(y_true, y_pred, average="macro", zero_division=0)    # as scikit-learn
     confusion_matrix(y_true, y_pred)
+    roc_auc(y_true, scores)                      # as sklearn.metrics.roc_auc_score (binary)
     corpus_bleu(hypotheses, [references])        # as sacrebleu.corpus_bleu: 13a, exp smoothing, 0-100
     rouge(target, prediction)                    # as rouge_score.RougeScorer: rouge1/2/L/Lsum P, R, F
     exact_match(predictions, references)         # SQuAD-style normalised string equality
@@ -324,6 +325,29 @@ def exact_match(predictions: Sequence[str], references: Sequence[str | Sequence[
         refs = [refs] if isinstance(refs, str) else refs
         hits += any(norm(pred) == norm(r) for r in refs)
     return hits / len(predictions)
+
+
+def roc_auc(y_true: Sequence, scores: Sequence[float]) -> float:
+    """Area under the ROC curve for labels 0/1: the chance that a random positive scores above a
+    random negative (ties count half), from the ranks (Mann-Whitney U)."""
+    if len(y_true) != len(scores):
+        raise ValueError(f"{len(y_true)} labels but {len(scores)} scores")
+    positives = sum(1 for y in y_true if y == 1)
+    negatives = len(y_true) - positives
+    if positives == 0 or negatives == 0:
+        raise ValueError("ROC AUC needs both classes among the labels")
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):  # tied scores share their average rank
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    rank_sum = sum(r for r, y in zip(ranks, y_true) if y == 1)
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
 
 
 # ------------------------------------------------------------------ language modelling
