@@ -526,7 +526,8 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
             raise APIError(400, "this server keeps no interaction log (started with --log='')", "request_id")
         rating = {"up": 1, "down": -1}.get(body.rating, body.rating)
         try:
-            known = await asyncio.to_thread(log.record_feedback, body.request_id, rating, body.comment)
+            known = await asyncio.to_thread(log.record_feedback, body.request_id, rating, body.comment,
+                                            "thumbs" if body.rating in ("up", "down") else "stars")
         except LogError as exc:
             raise APIError(503, f"{exc}; the rating was not kept: retry later", kind="server_error") from None
         if not known:

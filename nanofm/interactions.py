@@ -6,7 +6,8 @@ when given a postgresql:// URL, so several server replicas can share one log.
     log.record_request({"id": "chatcmpl-...", "model": "sft", "checkpoint": "out/sft/ckpt_0002999",
                         "endpoint": "chat", "prompt": [...messages...], "output": ["reply"], "settings": {...},
                         "latency_ms": 41.5, "prompt_tokens": 15, "completion_tokens": 7, "finish_reason": "stop"})
-    log.record_feedback("chatcmpl-...", rating=1, comment="right answer")   # up = 1, down = -1, or 1..5
+    log.record_feedback("chatcmpl-...", rating=1, comment="right answer")   # thumbs: up = 1, down = -1
+    log.record_feedback("chatcmpl-...", rating=4, scale="stars")            # or 1..5 stars
     log.requests(since=None, until=None)   # rows as dicts, oldest first, ratings joined by request id
     log.close()
 
@@ -24,7 +25,8 @@ Design decisions:
 - Prompts, outputs and settings are JSON text columns: the log keeps what was asked and said,
   as it was, and a schema change is a new column, not a migration of nested data.
 - Ratings are a separate table joined by request id: feedback may come long after the request,
-  more than once (the latest counts in `requests()`), and only for requests that exist.
+  more than once (the latest counts in `requests()`), and only for requests that exist. Each
+  rating names its scale (thumbs or stars), so a thumbs-up (1) is never read as one star.
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ CREATE INDEX IF NOT EXISTS requests_created ON requests(created);
 CREATE TABLE IF NOT EXISTS feedback (
     request_id TEXT NOT NULL REFERENCES requests(id),{seq}
     created {float} NOT NULL,
-    rating INTEGER NOT NULL,         -- -1 (down), 1 (up), or 1..5
-    comment TEXT
+    rating INTEGER NOT NULL,         -- -1 (down) or 1 (up) on the thumbs scale; 1..5 on the stars scale
+    comment TEXT,
+    scale TEXT                       -- thumbs | stars (NULL in logs written before it existed)
 );
 CREATE INDEX IF NOT EXISTS feedback_request ON feedback(request_id);
 """
@@ -113,6 +116,8 @@ class InteractionLog:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process kill
                 db.executescript(schema)
+                if "scale" not in [column[1] for column in db.execute("PRAGMA table_info(feedback)")]:
+                    db.execute("ALTER TABLE feedback ADD COLUMN scale TEXT")  # a log from before the column
             except sqlite3.DatabaseError as exc:
                 raise LogError(f"cannot open the interaction log {path}: {exc} (is it an SQLite file?)") from None
             return db
@@ -123,6 +128,7 @@ class InteractionLog:
         try:
             db = psycopg.connect(self.target, autocommit=True, connect_timeout=10)
             db.execute(schema)
+            db.execute("ALTER TABLE feedback ADD COLUMN IF NOT EXISTS scale TEXT")
         except psycopg.Error as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise LogError(f"cannot open the interaction log ({self.describe()}): {first}") from None
@@ -158,12 +164,16 @@ class InteractionLog:
         self._run(f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
                   [values[c] for c in COLUMNS])
 
-    def record_feedback(self, request_id: str, rating: int, comment: str | None = None) -> bool:
-        """False when no request has that id (nothing is written)."""
+    def record_feedback(self, request_id: str, rating: int, comment: str | None = None, scale: str = "thumbs") -> bool:
+        """A rating on the thumbs scale (-1 down, 1 up) or the stars scale (1..5); False when no
+        request has that id (nothing is written)."""
+        allowed = {"thumbs": (-1, 1), "stars": (1, 2, 3, 4, 5)}
+        if scale not in allowed or int(rating) not in allowed[scale]:
+            raise LogError(f"a {scale!r} rating must be one of {allowed.get(scale, 'thumbs or stars')}, not {rating!r}")
         if not self._run("SELECT 1 FROM requests WHERE id = ?", (request_id,), fetch=True):
             return False
-        self._run("INSERT INTO feedback (request_id, created, rating, comment) VALUES (?, ?, ?, ?)",
-                  (request_id, time.time(), int(rating), comment))
+        self._run("INSERT INTO feedback (request_id, created, rating, comment, scale) VALUES (?, ?, ?, ?, ?)",
+                  (request_id, time.time(), int(rating), comment, scale))
         return True
 
     def requests(self, since: float | None = None, until: float | None = None) -> list[dict]:
@@ -172,12 +182,12 @@ class InteractionLog:
         latest = ("(SELECT {field} FROM feedback f WHERE f.request_id = r.id "
                   "ORDER BY f.created DESC, f.{order} DESC LIMIT 1)")
         query = (f"SELECT {', '.join('r.' + c for c in COLUMNS)}, {latest.format(field='rating', order='{order}')}, "
-                 f"{latest.format(field='comment', order='{order}')} "
+                 f"{latest.format(field='comment', order='{order}')}, {latest.format(field='scale', order='{order}')} "
                  "FROM requests r WHERE r.created >= ? AND r.created < ? ORDER BY r.created, r.{order}")
         rows = self._run(query, (since or 0.0, until if until is not None else float("inf")), fetch=True)
         out = []
         for values in rows:
-            row = dict(zip(COLUMNS + ("rating", "comment"), values))
+            row = dict(zip(COLUMNS + ("rating", "comment", "rating_scale"), values))
             for column in JSON_COLUMNS:
                 row[column] = json.loads(row[column])
             out.append(row)

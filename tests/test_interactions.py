@@ -113,3 +113,24 @@ def test_serve_writes_to_postgresql_and_answers_503_when_it_is_gone(postgres_url
     assert gone.status_code == 503 and "not kept" in gone.json()["error"]["message"]
     rated = client.post("/v1/feedback", json={"request_id": answer["id"], "rating": "up"})
     assert rated.status_code == 503
+
+
+def test_rating_scales_and_a_log_from_before_them(target, tmp_path):
+    log = InteractionLog(target)
+    log.record_request(row(1))
+    assert log.record_feedback("cmpl-1", 1, scale="stars")  # one star: not a thumbs-up
+    assert log.requests()[0]["rating"] == 1 and log.requests()[0]["rating_scale"] == "stars"
+    with pytest.raises(LogError, match="thumbs"):
+        log.record_feedback("cmpl-1", 4)  # thumbs are -1 or 1
+    with pytest.raises(LogError, match="stars"):
+        log.record_feedback("cmpl-1", 9, scale="stars")
+    import sqlite3
+    old = tmp_path / "old.db"  # the feedback table as it was before the scale column
+    db = sqlite3.connect(old)
+    db.executescript("CREATE TABLE feedback (request_id TEXT NOT NULL, created REAL NOT NULL, rating INTEGER NOT NULL, "
+                     "comment TEXT); INSERT INTO feedback VALUES ('cmpl-x', 1.0, -1, NULL);")
+    db.commit()
+    db.close()
+    migrated = InteractionLog(old)
+    migrated.record_request(row("x"))
+    assert migrated.requests()[0]["rating"] == -1 and migrated.requests()[0]["rating_scale"] is None
