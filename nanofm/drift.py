@@ -3,6 +3,7 @@ built on? Each is tested against scipy or scikit-learn.
 
     js_distance(ref_counts, cur_counts)        Jensen-Shannon distance of two histograms (natural log, as scipy)
     psi(ref_values, cur_values)                population stability index, on the reference's deciles
+    psi_p_value(ref_values, cur_values)        how likely that PSI is by chance (small samples have large PSI)
     ks_2samp(a, b)                             Kolmogorov-Smirnov statistic and p-value
     chi2_homogeneity(ref_counts, cur_counts)   chi-square test that two samples share categories' shares
     wasserstein(a, b)                          earth mover's distance of two 1-D samples
@@ -72,6 +73,15 @@ def psi(reference, current, bins: int = 10) -> float:
     cur = np.bincount(np.searchsorted(edges, current, side="right"), minlength=len(edges) + 1) / len(current)
     ref, cur = np.maximum(ref, EPS), np.maximum(cur, EPS)
     return float(np.sum((cur - ref) * np.log(cur / ref)))
+
+
+def psi_p_value(reference, current, bins: int = 10) -> float:
+    """How likely a PSI this large is between two samples of one distribution: PSI is a symmetric
+    KL divergence, and n m / (n + m) x PSI is asymptotically chi-square with (bins - 1) degrees of
+    freedom (Yurdakul 2018). Small samples have large PSI by chance; this says how large."""
+    n, m = len(reference), len(current)
+    edges = np.unique(np.quantile(np.asarray(reference, dtype=np.float64), np.linspace(0, 1, bins + 1)[1:-1]))
+    return chi2_sf(psi(reference, current, bins) * n * m / (n + m), len(edges))
 
 
 def wasserstein(a, b) -> float:
