@@ -99,11 +99,15 @@ class InteractionLog:
         self.db = self._connect()
 
     def describe(self) -> str:
-        """The target without a password, for messages."""
-        if self.dialect is SQLITE:
-            return self.target
+        return self.describe_target(self.target)
+
+    @staticmethod
+    def describe_target(target: str | Path) -> str:
+        """The log's file, or its server without user and password, for messages and reports."""
+        if not is_url(target):
+            return str(target)
         from urllib.parse import urlsplit
-        parts = urlsplit(self.target)
+        parts = urlsplit(str(target))
         return f"PostgreSQL at {parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
 
     def _connect(self):

@@ -4,6 +4,7 @@ monitor.py's commands on a real log."""
 import numpy as np
 import pytest
 
+from nanofm.common import ConfigError, NanofmError
 from nanofm.monitoring import DriftConfig, MonitorError, check_drift, is_down, split_windows, summarize
 
 PROSE = ("the river runs past the old mill and the children walk along the bank in the morning light while "
@@ -83,3 +84,120 @@ def test_thresholds_are_configurable():
     strict = check_drift(reference, current, DriftConfig(js_threshold=0.01, min_drifted=1, drift_share=0.25))
     lenient = check_drift(reference, current, DriftConfig(js_threshold=0.9, auc_threshold=0.99))
     assert strict["groups"]["input"]["alarm"] and not lenient["groups"]["input"]["alarm"]
+
+
+# ------------------------------------------------------------------ monitor.py on a real log
+
+def fill_log(path, data):
+    from nanofm.interactions import InteractionLog
+    log = InteractionLog(path)
+    for r in data:
+        log.record_request({k: r[k] for k in ("id", "created", "prompt", "output", "prompt_tokens", "completion_tokens",
+                                              "finish_reason", "latency_ms")} | {"model": "m", "endpoint": "chat",
+                                                                                 "settings": {}})
+        if r["rating"] is not None:
+            log.record_feedback(r["id"], r["rating"], scale=r["rating_scale"])
+    log.close()
+    return str(path)
+
+
+def test_report_finds_the_window_where_traffic_turned(tmp_path):
+    import json
+    import monitor
+    rng = np.random.default_rng(5)
+    db = fill_log(tmp_path / "log.db", rows(rng, 200) + rows(rng, 100, code_share=1.0, start=200))
+    result = monitor.main(["report", "--db", db, "--window_requests", "50", "--out_dir", str(tmp_path / "report")])
+    alarms = [w["window"] for w in result["windows"] if isinstance(w["drift"], dict) and w["drift"]["drift"]]
+    assert alarms == [4, 5]  # the two windows after request 200, none before
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert saved["windows"][0]["drift"] == "reference" and saved["requests"] == 300
+    assert "window 4: drifted: prompt_words" in (tmp_path / "report" / "report.md").read_text()
+    assert (tmp_path / "report" / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_check_exit_codes_and_bad_logs(tmp_path, capsys):
+    import json
+    import monitor
+    rng = np.random.default_rng(6)
+    same = fill_log(tmp_path / "same.db", rows(rng, 200))
+    assert monitor.main(["check", "--db", same, "--out", str(tmp_path / "status.json")])["drift"] is False
+    assert json.loads((tmp_path / "status.json").read_text())["groups"]["input"]["alarm"] is False
+    turned = fill_log(tmp_path / "turned.db", rows(rng, 100) + rows(rng, 100, code_share=1.0, start=100))
+    capsys.readouterr()
+    with pytest.raises(monitor.ExitCode, match="2"):
+        monitor.main(["check", "--db", turned])
+    printed = json.loads(capsys.readouterr().out)  # the status, for a scheduler to read
+    assert printed["drift"] is True and printed["groups"]["input"]["alarm"] is True
+    # the training data as the reference: chat-like prose prompts against code
+    with pytest.raises(monitor.ExitCode):
+        monitor.main(["check", "--db", turned, "--reference_data", str(make_data_dir(tmp_path)), "--window_requests", "50"])
+    with pytest.raises(ConfigError, match="no interaction log"):
+        monitor.main(["check", "--db", str(tmp_path / "missing.db")])
+    from nanofm.interactions import InteractionLog
+    InteractionLog(tmp_path / "empty.db").close()
+    with pytest.raises(MonitorError, match="no requests"):
+        monitor.main(["report", "--db", str(tmp_path / "empty.db")])
+    with pytest.raises(MonitorError, match="overlaps the reference"):
+        monitor.main(["check", "--db", fill_log(tmp_path / "short.db", rows(rng, 120))])
+    (tmp_path / "corrupt.db").write_bytes(b"not a database" * 50)
+    with pytest.raises(NanofmError, match="cannot open"):
+        monitor.main(["check", "--db", str(tmp_path / "corrupt.db")])
+    assert (tmp_path / "corrupt.db").read_bytes() == b"not a database" * 50
+
+
+def make_data_dir(tmp_path):
+    import json
+    rng = np.random.default_rng(9)
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    docs = [" ".join(rng.choice(PROSE, 30)) + "\n" + " ".join(rng.choice(PROSE, 30)) for _ in range(50)]
+    (data / "curated.jsonl").write_text("".join(json.dumps({"text": d, "domain": "prose"}) + "\n" for d in docs))
+    return data
+
+
+def test_export_makes_files_that_sft_and_rlhf_read(tmp_path):
+    import monitor
+    from nanofm import instructions, preferences
+    from nanofm.interactions import InteractionLog
+    db = tmp_path / "log.db"
+    log = InteractionLog(db)
+    ask = [{"role": "user", "content": "What is 2 + 3?"}]
+    for rid, reply, rating, scale in [("a", "5", 1, "thumbs"), ("b", "6", -1, "thumbs"), ("c", "5.", 5, "stars"),
+                                      ("d", "I do not know", 2, "stars"), ("e", "Paris", None, None)]:
+        prompt = ask if rid != "e" else [{"role": "user", "content": "Capital of France? Call me at 555-123-4567"}]
+        log.record_request({"id": rid, "model": "m", "endpoint": "chat", "prompt": prompt, "output": [reply],
+                            "settings": {}, "finish_reason": "stop"})
+        if rating is not None:
+            log.record_feedback(rid, rating, scale=scale)
+    log.close()
+    counts = monitor.main(["export", "--db", str(db), "--out_dir", str(tmp_path / "feedback")])
+    assert counts == {"requests": 5, "sft": 2, "pairs": 2, "corpus_documents": 2}
+    sft = instructions.read_conversations(tmp_path / "feedback" / "sft.jsonl")  # what train_sft.py --data reads
+    assert [c["messages"][-1]["content"] for c in sft] == ["5", "5."]
+    pairs = preferences.load(str(tmp_path / "feedback" / "pairs.jsonl"))  # what train_rlhf.py --data reads
+    assert {(p["chosen"], p["rejected"]) for p in pairs} == {("5", "6"), ("5", "I do not know")}
+
+
+def test_export_prepare_curates_masks_pii_and_keeps_the_models_tokenizer(tmp_path):
+    import json
+    import monitor
+    from nanofm.interactions import InteractionLog
+    from nanofm.tokenizer import Tokenizer, train_bpe
+    ckpt = tmp_path / "ckpt"  # what --prepare needs of the serving checkpoint: its tokenizer
+    ckpt.mkdir()
+    (ckpt / "model.pt").write_bytes(b"unused")
+    Tokenizer.from_merges(train_bpe([" ".join(PROSE)] * 20, vocab_size=300, progress=False)).save(ckpt / "tokenizer.json")
+    log = InteractionLog(tmp_path / "log.db")
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        text = (" ".join(rng.choice(PROSE, 60)) + f". Write to me at person{i}@example.com if the river rises, "
+                "and tell the children.")
+        log.record_request({"id": str(i), "model": "m", "endpoint": "completions", "prompt": text, "output": ["ok"],
+                            "settings": {}})
+    log.close()
+    monitor.main(["export", "--db", str(tmp_path / "log.db"), "--out_dir", str(tmp_path / "feedback"), "--prepare",
+                  "--data_out", str(tmp_path / "data"), "--ckpt", str(ckpt)])
+    curated = [json.loads(line)["text"] for line in (tmp_path / "data" / "curated.jsonl").open()]
+    assert curated and all("@example.com" not in t and "<EMAIL>" in t for t in curated)
+    assert (tmp_path / "data" / "tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()
+    assert list((tmp_path / "data").glob("train_*.bin"))
