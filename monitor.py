@@ -3,6 +3,7 @@
     python monitor.py report --db out/serve/interactions.db     # windows of traffic: a table, plots, drift per window
     python monitor.py check  --db out/serve/interactions.db     # the latest window against the first: JSON + exit code
     python monitor.py export --db out/serve/interactions.db     # feedback -> SFT JSONL, preference pairs, a corpus
+    python monitor.py retrain --db out/serve/interactions.db    # on an alarm: train a candidate, gate it, promote it
     python monitor.py simulate --url http://127.0.0.1:8000      # drifting traffic (chat -> code, ratings fall)
 
 --db is the interaction log serve.py writes: an SQLite file, or a postgresql:// URL.
@@ -23,6 +24,18 @@ What each command does, top to bottom:
   (pairs.jsonl, for train_rlhf.py --data), and every prompt becomes a document of a corpus that
   data/prepare.py curates and PII-masks like any other (corpus/ -> data/feedback).
 
+- retrain: when a trigger fires (a drift or quality alarm, a schedule, or --trigger=force) and
+  the cooldown has passed, exports the feedback, trains a candidate with the stage that fits
+  (continued pretraining on the prompts after input drift, else DPO on preference pairs when
+  there are enough, else SFT on the good replies), evaluates the candidate and the serving model
+  with the evaluation library (--gate_task, --gate_metric), and promotes the candidate only if it
+  is at least as good (+ --gate_margin): it becomes the serving run directory's newest checkpoint
+  (a server started with --watch reloads it; --serve_url asks one to reload at once). Every
+  decision, with its reason and numbers, is a line of decisions.jsonl. A failed, rejected or
+  interrupted retrain leaves the serving model as it was. --every_seconds keeps it running.
+- simulate: drifting traffic for a running server (prompts move from one domain to another,
+  simulated thumbs-down become more frequent), to watch all of the above happen.
+
 Design decisions:
 - The thresholds are Evidently's defaults and every one is a flag (nanofm/monitoring.py's
   DriftConfig). The status is one JSON document a program can read.
@@ -36,7 +49,7 @@ import math
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -348,6 +361,177 @@ def export(argv) -> dict:
     return counts
 
 
+# ------------------------------------------------------------------ retrain
+
+@dataclass
+class RetrainConfig(DriftConfig, LogConfig):
+    serving: str = "out/sft"  # the run directory the server serves (serve.py --ckpt out/sft --watch picks up a promotion)
+    serve_url: str = ""  # also ask this running server to reload at once (POST /admin/reload)
+    api_key: str = ""  # the server's API key, if it has one
+    trigger: str = "auto"  # auto (a drift or quality alarm, as `check` sees it) | schedule (always) | force (also ignores the cooldown)
+    stage: str = "auto"  # auto | sft (good replies) | dpo (preference pairs) | pretrain (continued pretraining on the prompts)
+    cooldown_seconds: float = 3600.0  # no new retrain this soon after the last one
+    every_seconds: float = 0.0  # > 0: keep going, one decision every N seconds (the scheduled mode)
+    window_requests: int = 100  # as in `check`: the latest N requests...
+    reference_requests: int = 100  # ...against the first N
+    min_examples: int = 20  # feedback examples a stage needs (good replies for sft, pairs for dpo)
+    max_iters: int = 200  # the candidate's training steps
+    train_flags: list[str] = field(default_factory=list)  # extra flags for the training script, repeatable (--train_flags=--lr=1e-4)
+    gate_task: str = "instructions"  # the evaluation task (nanofm/evaluate.py) both models take
+    gate_metric: str = "mean_exact_match"  # its number that must not fall (a headline number of that task)
+    gate_margin: float = 0.0  # the candidate must score at least the serving model's number + this
+    gate_items: int = 40  # items per family for the gate's evaluation
+    out_dir: str = "out/retrain"  # candidates, their feedback data, and decisions.jsonl
+
+
+def decide(cfg: RetrainConfig, log_path: Path, decision: dict) -> dict:
+    decision = {"time": time.time(), **decision}
+    with open(log_path, "a", encoding="utf-8") as handle:  # one line per decision, appended whole
+        handle.write(json.dumps(decision, default=finite) + "\n")
+    print(f"retrain: {decision['action']}: {decision['reason']}")
+    return decision
+
+
+def past_decisions(log_path: Path) -> list[dict]:
+    from nanofm.train import read_metrics  # the same tolerant JSONL reader (a line cut short is skipped)
+    return read_metrics(log_path) if log_path.is_file() else []
+
+
+def gate_score(ckpt: str, cfg: RetrainConfig) -> float:
+    from nanofm.evaluate import Settings, Subject, headline, run_tasks
+    out = run_tasks(Subject.load(ckpt), [cfg.gate_task], Settings(max_items=cfg.gate_items))
+    numbers = headline(cfg.gate_task, out["results"][cfg.gate_task])
+    if cfg.gate_metric not in numbers:
+        raise ConfigError(f"--gate_metric {cfg.gate_metric!r} is not a number of {cfg.gate_task}: {sorted(numbers)}")
+    return float(numbers[cfg.gate_metric])
+
+
+def promote(candidate: Path, serving: Path) -> Path:
+    """Copy the candidate into the serving run directory as its newest checkpoint, then point
+    `latest` at it (atomic: a watching server sees the old model or the whole new one)."""
+    import shutil
+    from nanofm.checkpoint import complete_checkpoints
+    steps = [int(p.name.split("_")[-1]) for p in complete_checkpoints(serving)]
+    final = serving / f"ckpt_{max(steps, default=0) + 1:07d}"
+    tmp = serving / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(candidate, tmp)
+    tmp.rename(final)
+    atomic_write_text(serving / "latest", final.name)
+    return final
+
+
+def retrain_once(cfg: RetrainConfig) -> dict:
+    from nanofm.checkpoint import resolve
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "decisions.jsonl"
+    trained = [d for d in past_decisions(log_path) if d.get("action") in ("promoted", "rejected", "failed")]
+    if trained and cfg.trigger != "force" and time.time() - trained[-1]["time"] < cfg.cooldown_seconds:
+        return decide(cfg, log_path, {"action": "skipped", "reason": f"cooldown: the last retrain was "
+                                      f"{time.time() - trained[-1]['time']:.0f} s ago (--cooldown_seconds "
+                                      f"{cfg.cooldown_seconds:.0f})"})
+    serving = resolve(cfg.serving)
+    alarms: dict = {}
+    if cfg.trigger == "auto":
+        rows = read_rows(cfg.db)
+        current, reference = rows[-cfg.window_requests:], rows[:cfg.reference_requests]
+        if len(rows) < cfg.reference_requests + cfg.window_requests:
+            return decide(cfg, log_path, {"action": "skipped", "reason": f"too little traffic to judge: {len(rows)} "
+                                          f"requests, {cfg.reference_requests + cfg.window_requests} needed"})
+        status = check_drift(reference, current, drift_config(cfg))
+        alarms = {g: v for g, v in status["groups"].items() if v["alarm"]}
+        if not alarms:
+            return decide(cfg, log_path, {"action": "skipped", "reason": "no drift or quality alarm",
+                                          "groups": status["groups"]})
+        reason = f"alarm in {', '.join(alarms)}"
+    else:
+        reason = "scheduled" if cfg.trigger == "schedule" else "forced"
+    run = out / time.strftime("%Y%m%d-%H%M%S")
+    counts = export(["--db", cfg.db, "--out_dir", str(run / "feedback")])
+    stage = cfg.stage
+    if stage == "auto":  # input drift: learn the new text; else the feedback that is richest
+        if "input" in alarms:
+            stage = "pretrain"
+        elif counts["pairs"] >= cfg.min_examples:
+            stage = "dpo"
+        else:
+            stage = "sft"
+    have = {"sft": counts["sft"], "dpo": counts["pairs"], "pretrain": counts["corpus_documents"]}[stage]
+    if have < cfg.min_examples:
+        return decide(cfg, log_path, {"action": "skipped", "stage": stage, "reason": f"{reason}, but not enough "
+                                      f"feedback for {stage}: {have} examples, --min_examples {cfg.min_examples}",
+                                      "feedback": counts})
+    candidate_dir, feedback = run / "candidate", run / "feedback"
+    if stage == "pretrain":
+        try:
+            export(["--db", cfg.db, "--out_dir", str(feedback), "--prepare", "--data_out", str(run / "data"),
+                    "--ckpt", str(serving)])
+        except MonitorError as exc:  # e.g. curation kept no document
+            return decide(cfg, log_path, {"action": "failed", "stage": stage, "trigger": reason, "feedback": counts,
+                                          "reason": f"preparing the corpus failed; serving model kept: {exc}"})
+        replay = json.loads((serving / "meta.json").read_text()).get("data_dir") or ""
+        command = ["train_pretrain.py", "--init_from", str(serving), "--data_dir", str(run / "data"),
+                   *(["--replay_dir", replay, "--replay_ratio=0.5"] if replay else [])]
+    elif stage == "sft":
+        command = ["train_sft.py", "--init_from", str(serving), "--data", str(feedback / "sft.jsonl"),
+                   "--per_family=200", "--per_synthetic=400"]  # some built-in questions as replay
+    else:
+        command = ["train_rlhf.py", "--algo=dpo", "--init_from", str(serving), "--data", str(feedback / "pairs.jsonl")]
+    command = [sys.executable, str(ROOT / command[0]), *command[1:], "--out_dir", str(candidate_dir),
+               f"--max_iters={cfg.max_iters}", *cfg.train_flags]
+    base = {"stage": stage, "trigger": reason, "serving": str(serving), "feedback": counts, "command": command[1:]}
+    print(f"retrain: {reason}; training a {stage} candidate in {candidate_dir}")
+    try:
+        done = subprocess.run(command, capture_output=True, text=True)
+    except KeyboardInterrupt:
+        decide(cfg, log_path, {**base, "action": "failed", "reason": "interrupted during training; serving model kept"})
+        raise
+    if done.returncode != 0:
+        return decide(cfg, log_path, {**base, "action": "failed", "reason": f"training failed (exit {done.returncode}); "
+                                      f"serving model kept: {done.stderr.strip()[-600:]}"})
+    candidate = resolve(candidate_dir)
+    before, after = gate_score(str(serving), cfg), gate_score(str(candidate), cfg)
+    gate = {"task": cfg.gate_task, "metric": cfg.gate_metric, "serving": before, "candidate": after,
+            "margin": cfg.gate_margin}
+    if after < before + cfg.gate_margin:
+        return decide(cfg, log_path, {**base, "action": "rejected", "candidate": str(candidate), "gate": gate,
+                                      "reason": f"gate failed: {cfg.gate_metric} {after:.4f} < serving {before:.4f} + "
+                                                f"{cfg.gate_margin}; serving model kept"})
+    promoted = promote(candidate, Path(cfg.serving) if not (Path(cfg.serving) / "model.pt").exists() else serving.parent)
+    reloaded = None
+    if cfg.serve_url:
+        import urllib.request
+        request = urllib.request.Request(cfg.serve_url + "/admin/reload", data=json.dumps({"ckpt": str(promoted)}).encode(),
+                                         headers={"content-type": "application/json",
+                                                  **({"authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {})})
+        try:
+            with urllib.request.urlopen(request, timeout=300) as response:
+                reloaded = response.status == 200
+        except OSError as exc:
+            reloaded = f"the reload request failed ({exc}); a server started with --watch picks it up anyway"
+    return decide(cfg, log_path, {**base, "action": "promoted", "candidate": str(candidate), "promoted": str(promoted),
+                                  "gate": gate, "reloaded": reloaded,
+                                  "reason": f"gate passed: {cfg.gate_metric} {after:.4f} >= serving {before:.4f} + "
+                                            f"{cfg.gate_margin}"})
+
+
+def retrain(argv) -> dict:
+    cfg = parse_config(RetrainConfig, argv, description="retrain when a trigger fires, promote behind a gate")
+    if cfg.trigger not in ("auto", "schedule", "force"):
+        raise ConfigError(f"--trigger must be auto, schedule or force, not {cfg.trigger!r}")
+    if cfg.stage not in ("auto", "sft", "dpo", "pretrain"):
+        raise ConfigError(f"--stage must be auto, sft, dpo or pretrain, not {cfg.stage!r}")
+    if cfg.every_seconds <= 0:
+        return retrain_once(cfg)
+    while True:  # the scheduled mode: a decision every --every_seconds (the cooldown still applies)
+        try:
+            retrain_once(cfg)
+        except NanofmError as exc:  # a log that is down, too little traffic: reported, and the loop goes on
+            print(f"retrain: error: {exc}", file=sys.stderr)
+        time.sleep(cfg.every_seconds)
+
+
 # ------------------------------------------------------------------ simulate
 
 @dataclass
@@ -453,7 +637,7 @@ def simulate(argv) -> dict:
     return counts
 
 
-COMMANDS = {"report": report, "check": check, "export": export, "simulate": simulate}
+COMMANDS = {"report": report, "check": check, "export": export, "retrain": retrain, "simulate": simulate}
 
 
 def main(argv=None):

@@ -201,3 +201,63 @@ def test_export_prepare_curates_masks_pii_and_keeps_the_models_tokenizer(tmp_pat
     assert curated and all("@example.com" not in t and "<EMAIL>" in t for t in curated)
     assert (tmp_path / "data" / "tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()
     assert list((tmp_path / "data").glob("train_*.bin"))
+
+
+from test_rlhf import chat_model  # noqa: E402,F401  (a tiny chat-tuned checkpoint)
+from test_sft import base, corpus  # noqa: E402,F401
+
+TINY_TRAIN = ["--train_flags=--batch_size=4", "--train_flags=--seq_len=96", "--train_flags=--per_family=10",
+              "--train_flags=--per_synthetic=10", "--train_flags=--eval_interval=100", "--train_flags=--eval_iters=1",
+              "--train_flags=--val_per_family=2", "--train_flags=--sample_tokens=0"]
+
+
+def test_retrain_gates_promotes_keeps_the_old_model_on_failure_and_cools_down(chat_model, tmp_path):  # noqa: F811
+    import json
+    import shutil
+    import monitor
+    from nanofm.checkpoint import load_model, resolve
+    from nanofm.interactions import InteractionLog
+    serving = tmp_path / "serving"
+    shutil.copytree(chat_model, serving)
+    first = resolve(serving)
+    log = InteractionLog(tmp_path / "log.db")
+    for i in range(12):
+        log.record_request({"id": str(i), "model": "m", "endpoint": "chat", "settings": {},
+                            "prompt": [{"role": "user", "content": f"Say the number {i}."}], "output": [f"{i}"]})
+        log.record_feedback(str(i), 1)
+    log.close()
+    common = ["retrain", "--db", str(tmp_path / "log.db"), "--serving", str(serving), "--out_dir", str(tmp_path / "rt"),
+              "--stage", "sft", "--max_iters", "2", "--min_examples", "5", "--gate_items", "2", *TINY_TRAIN]
+    rejected = monitor.main([*common, "--trigger", "force", "--gate_margin", "1.0"])  # no candidate can pass
+    assert rejected["action"] == "rejected" and "serving model kept" in rejected["reason"]
+    assert resolve(serving) == first and rejected["gate"]["candidate"] < rejected["gate"]["serving"] + 1.0
+    failed = monitor.main([*common, "--trigger", "force", "--train_flags=--lr=-1"])  # the trainer refuses it
+    assert failed["action"] == "failed" and resolve(serving) == first
+    promoted = monitor.main([*common, "--trigger", "force", "--gate_margin=-1"])  # every candidate passes
+    assert promoted["action"] == "promoted" and resolve(serving) == Path(promoted["promoted"]) != first
+    model, meta = load_model(serving)  # the promoted checkpoint loads, and knows where it came from
+    assert meta["stage"] == "sft" and str(first) in json.dumps(meta)
+    cooled = monitor.main([*common, "--trigger", "schedule"])
+    assert cooled["action"] == "skipped" and "cooldown" in cooled["reason"]
+    decisions = [json.loads(line) for line in (tmp_path / "rt" / "decisions.jsonl").read_text().splitlines()]
+    assert [d["action"] for d in decisions] == ["rejected", "failed", "promoted", "skipped"]
+    assert all(d["reason"] for d in decisions)
+    with pytest.raises(ConfigError, match="--trigger"):
+        monitor.main([*common, "--trigger", "sometimes"])
+
+
+from pathlib import Path  # noqa: E402
+
+
+def test_retrain_on_its_own_triggers(chat_model, tmp_path):  # noqa: F811
+    import monitor
+    rng = np.random.default_rng(11)
+    common = ["retrain", "--serving", str(chat_model), "--out_dir", str(tmp_path / "rt")]
+    quiet = fill_log(tmp_path / "quiet.db", rows(rng, 200))
+    assert monitor.main([*common, "--db", quiet])["reason"] == "no drift or quality alarm"
+    short = fill_log(tmp_path / "short.db", rows(rng, 50))
+    assert "too little traffic" in monitor.main([*common, "--db", short])["reason"]
+    turned = fill_log(tmp_path / "turned.db", rows(rng, 100) + rows(rng, 100, code_share=1.0, start=100))
+    decision = monitor.main([*common, "--db", turned, "--min_examples", "100000"])
+    assert decision["action"] == "skipped" and decision["stage"] == "pretrain"  # input drift: learn the new text
+    assert decision["reason"].startswith("alarm in input") and "not enough feedback" in decision["reason"]
