@@ -82,6 +82,10 @@ class CheckConfig(DriftConfig, LogConfig):
     reference_requests: int = 100  # the reference: the first N requests of the log
     reference_data: str = ""  # or a data directory (its curated.jsonl): compare prompts with the training data
     ckpt: str = ""  # the serving checkpoint: adds the perplexity of the replies under it
+    eval_tasks: list[str] = field(default_factory=list)  # with --ckpt: re-run these evaluation tasks (e.g. instructions, fairness)...
+    eval_baseline: str = "out/monitor/eval_baseline.json"  # ...against the numbers kept here (the first run records them)
+    eval_drop: float = 0.05  # a headline number worse than its baseline by more than this is a quality alarm
+    eval_items: int = 40  # items per task for the re-run
     out: str = ""  # also write the status JSON here
 
 
@@ -274,6 +278,25 @@ def reply_perplexity(ckpt: str):
     return perplexity
 
 
+def periodic_eval(cfg: CheckConfig) -> dict | None:
+    """Re-run the evaluation tasks on the serving model; the first run records the baseline."""
+    from nanofm.evaluate import Settings, Subject, headline, run_tasks
+    from nanofm.monitoring import eval_regression
+    if not cfg.ckpt:
+        raise ConfigError("--eval_tasks evaluates the serving model: give it with --ckpt")
+    out = run_tasks(Subject.load(cfg.ckpt), list(cfg.eval_tasks), Settings(max_items=cfg.eval_items))
+    numbers = {f"{task}.{key}": value for task in cfg.eval_tasks
+               for key, value in headline(task, out["results"][task]).items() if isinstance(value, (int, float))}
+    path = Path(cfg.eval_baseline)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"ckpt": cfg.ckpt, "recorded_at": time.time(), "numbers": numbers}, indent=1))
+        print(f"recorded the evaluation baseline in {path} ({len(numbers)} numbers)", file=sys.stderr)
+        return None
+    baseline = json.loads(path.read_text())["numbers"]
+    return eval_regression(baseline, numbers, cfg.eval_drop)
+
+
 def check(argv) -> dict:
     cfg = parse_config(CheckConfig, argv, description="the latest window against a reference: JSON and exit code")
     rows = read_rows(cfg.db)
@@ -289,7 +312,9 @@ def check(argv) -> dict:
             raise MonitorError(f"the current window overlaps the reference: the log has {len(rows)} requests, fewer "
                                f"than --reference_requests ({cfg.reference_requests}) + --window_requests "
                                f"({cfg.window_requests})")
-    status = check_drift(reference, current, drift_config(cfg), reply_perplexity(cfg.ckpt) if cfg.ckpt else None)
+    extra = [periodic_eval(cfg)] if cfg.eval_tasks else []
+    status = check_drift(reference, current, drift_config(cfg), reply_perplexity(cfg.ckpt) if cfg.ckpt else None,
+                         [e for e in extra if e is not None])
     status = {"checked_at": time.time(), "db": InteractionLog.describe_target(cfg.db), **status}
     text = json.dumps(status, indent=1, default=finite)
     if cfg.out:

@@ -12,7 +12,9 @@ Design decisions:
   output  what the model answers: reply length, the share of replies that ended on their own
           (end of turn) rather than at max_tokens, and, given the serving model, the perplexity of
           its replies under it (replies it finds unlikely are out of its habits);
-  quality what users think: the share of thumbs down among rated replies.
+  quality what users think: the share of thumbs down among rated replies; and, given the serving
+          model, a periodic re-run of evaluation tasks against a recorded baseline (accuracy, or a
+          fairness gap, that got worse by more than --eval_drop).
   Each check is Evidently's default test with its default threshold (nanofm/drift.py), one
   check per column. The word distribution also needs a permutation p-value under 0.05: 50 short
   chat prompts are about 0.55 apart (JS) from 50 others of the same kind, far over the 0.1 that
@@ -125,9 +127,10 @@ def _check(group: str, name: str, result: dict) -> dict:
 
 
 def check_drift(reference: list[dict], current: list[dict], cfg: DriftConfig | None = None,
-                perplexity=None) -> dict:
+                perplexity=None, extra: list[dict] | None = None) -> dict:
     """Compare a window of requests with a reference. perplexity(rows) -> one float per row (the
-    serving model's perplexity of each reply), optional. Returns the machine-readable status."""
+    serving model's perplexity of each reply), optional; extra: more checks (e.g. eval_regression)
+    to group with these. Returns the machine-readable status."""
     cfg = cfg or DriftConfig()
     if len(reference) < cfg.min_rows or len(current) < cfg.min_rows:
         raise MonitorError(f"too few requests to compare: {len(reference)} in the reference and {len(current)} in the "
@@ -170,6 +173,7 @@ def check_drift(reference: list[dict], current: list[dict], cfg: DriftConfig | N
     quality = _rating_check(reference, current, cfg)
     if quality is not None:
         checks.append(quality)
+    checks += extra or []
 
     groups = {}
     for group in ("input", "output", "quality"):
@@ -199,6 +203,24 @@ def _rating_check(reference: list[dict], current: list[dict], cfg: DriftConfig) 
     return {"group": "quality", "check": "down_share", "method": "chi2_p_value and rise", "value": rise,
             "p_value": p, "threshold": cfg.rating_drop, "drifted": bool(p < cfg.p_value and rise >= cfg.rating_drop),
             "reference_down_share": sum(ref) / len(ref), "current_down_share": sum(cur) / len(cur)}
+
+
+LOWER_IS_BETTER = ("gap", "spread", "flip_rate", "perplexity", "bits_per_byte", "loss", "drop[", "changed[")
+
+
+def eval_regression(baseline: dict, now: dict, max_drop: float) -> dict:
+    """The quality check of a periodic evaluation: every headline number against its baseline,
+    worse by more than max_drop (absolute; for gaps, perplexities and losses a rise is worse)."""
+    worse = {}
+    for key in sorted(set(baseline) & set(now)):
+        sign = -1 if any(marker in key for marker in LOWER_IS_BETTER) else 1
+        change = sign * (now[key] - baseline[key])  # < 0: worse
+        if change < -max_drop:
+            worse[key] = {"baseline": baseline[key], "now": now[key]}
+    largest = max((abs(v["now"] - v["baseline"]) for v in worse.values()), default=0.0)
+    return {"group": "quality", "check": "eval_regression", "method": "headline numbers vs baseline",
+            "value": largest, "threshold": max_drop, "drifted": bool(worse), "worse": worse,
+            "compared": len(set(baseline) & set(now))}
 
 
 def finite(x):

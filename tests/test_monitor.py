@@ -261,3 +261,49 @@ def test_retrain_on_its_own_triggers(chat_model, tmp_path):  # noqa: F811
     decision = monitor.main([*common, "--db", turned, "--min_examples", "100000"])
     assert decision["action"] == "skipped" and decision["stage"] == "pretrain"  # input drift: learn the new text
     assert decision["reason"].startswith("alarm in input") and "not enough feedback" in decision["reason"]
+
+
+def test_eval_regression_by_hand():
+    from nanofm.monitoring import eval_regression
+    base = {"instructions.mean_exact_match": 0.40, "fairness.mean_abs_gap[x]": 0.10, "perplexity.perplexity": 20.0}
+    same = eval_regression(base, {**base, "instructions.mean_exact_match": 0.37}, 0.05)
+    assert not same["drifted"] and same["compared"] == 3
+    worse = eval_regression(base, {**base, "instructions.mean_exact_match": 0.30, "fairness.mean_abs_gap[x]": 0.2}, 0.05)
+    assert worse["drifted"] and set(worse["worse"]) == {"instructions.mean_exact_match", "fairness.mean_abs_gap[x]"}
+    better = eval_regression(base, {**base, "fairness.mean_abs_gap[x]": 0.0, "perplexity.perplexity": 10.0}, 0.05)
+    assert not better["drifted"]  # a smaller gap and a lower perplexity are improvements
+
+
+def test_check_reruns_the_evaluation_against_its_baseline(chat_model, tmp_path, capsys):  # noqa: F811
+    import json
+    import monitor
+    rng = np.random.default_rng(12)
+    db = fill_log(tmp_path / "log.db", rows(rng, 200))
+    args = ["check", "--db", db, "--ckpt", str(chat_model), "--eval_tasks", "instructions", "--eval_items", "2",
+            "--eval_baseline", str(tmp_path / "baseline.json")]
+    first = monitor.main(args)  # records the baseline
+    assert not first["drift"] and "eval_regression" not in [c["check"] for c in first["checks"]]
+    baseline = json.loads((tmp_path / "baseline.json").read_text())
+    assert "instructions.mean_exact_match" in baseline["numbers"]
+    assert not monitor.main(args)["drift"]  # the same model, the same items: no regression
+    baseline["numbers"] = {k: v + 0.5 for k, v in baseline["numbers"].items()}  # as if it used to be much better
+    (tmp_path / "baseline.json").write_text(json.dumps(baseline))
+    capsys.readouterr()
+    with pytest.raises(monitor.ExitCode):
+        monitor.main(args)
+    status = json.loads(capsys.readouterr().out)
+    assert status["groups"]["quality"]["alarm"] and "instructions.mean_exact_match" in status["checks"][-1]["worse"]
+
+
+def test_monitor_reads_a_postgresql_log(postgres_url, tmp_path):
+    import monitor
+    from test_interactions import fresh_database
+    rng = np.random.default_rng(13)
+    url = fresh_database(postgres_url["url"])
+    fill_log(url, rows(rng, 100) + rows(rng, 100, code_share=1.0, start=100))
+    with pytest.raises(monitor.ExitCode):
+        monitor.main(["check", "--db", url])
+    result = monitor.main(["report", "--db", url, "--window_requests", "50", "--out_dir", str(tmp_path / "r")])
+    assert result["db"].startswith("PostgreSQL at 127.0.0.1") and result["requests"] == 200
+    with pytest.raises(NanofmError, match="PostgreSQL at 127.0.0.1:1"):
+        monitor.main(["check", "--db", "postgresql://nanofm@127.0.0.1:1/postgres"])
