@@ -97,6 +97,7 @@ class ExportConfig(LogConfig):
     prepare: bool = False  # also run data/prepare.py on the corpus (curation, PII masking) into --data_out
     data_out: str = "data/feedback"  # where --prepare writes the curated corpus
     ckpt: str = "out/sft"  # --prepare encodes with this checkpoint's tokenizer, so the model can train on it
+    val_fraction: float = 0.1  # --prepare's validation share (feedback corpora are small: enough for one step)
 
 
 class ExitCode(Exception):
@@ -378,7 +379,8 @@ def export(argv) -> dict:
         from nanofm.checkpoint import resolve
         tokenizer = resolve(cfg.ckpt) / "tokenizer.json"
         command = [sys.executable, str(ROOT / "data" / "prepare.py"), "--input", str(out / "corpus"),
-                   "--out", cfg.data_out, "--tokenizer", str(tokenizer), "--progress=false"]
+                   "--out", cfg.data_out, "--tokenizer", str(tokenizer), "--progress=false",
+                   f"--val_fraction={cfg.val_fraction}"]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise MonitorError(f"data/prepare.py failed on {out}/corpus:\n{done.stderr[-2000:]}")
@@ -566,15 +568,25 @@ class SimulateConfig:
     api_key: str = ""  # if the server wants one
     data_dir: str = "data/default"  # prompts are drawn from its curated.jsonl, by domain
     requests: int = 400  # requests to send
-    before: str = "chat"  # the domain of the prompts before the shift (chat | prose | code)
+    before: str = "chat"  # the prompts before the shift: chat | prose | code (corpus snippets) | tasks (checkable questions)
     after: str = "code"  # ...and after it
     shift_at: int = 200  # the request where traffic turns from --before to --after
     rate_share: float = 0.5  # the share of replies the simulated users rate
     down_before: float = 0.2  # the chance of a thumbs down before the shift...
-    down_after: float = 0.5  # ...and after it (ratings fall)
+    down_after: float = 0.5  # ...and after it (ratings fall); a `tasks` question is rated by its answer instead
     max_tokens: int = 32
     concurrency: int = 8  # requests in flight at once
     seed: int = 0
+
+
+def task_prompts(data_dir: str, n: int = 2000, seed: int = 0) -> list[tuple[str, str]]:
+    """(question, answer) of the checkable instruction families (training split), for users who
+    check the answer before they rate it."""
+    from nanofm import instructions
+    families = [f for f in instructions.FAMILIES if f != "chat"]
+    items = instructions.builtin(data_dir, split="train", per_family=max(1, n // len(families)), seed=seed,
+                                 families=families)
+    return [(item["messages"][0]["content"], item["messages"][1]["content"]) for item in items]
 
 
 def domain_prompts(data_dir: str, domain: str) -> list[str]:
@@ -604,13 +616,17 @@ def domain_prompts(data_dir: str, domain: str) -> list[str]:
 def simulate(argv) -> dict:
     """Send traffic that drifts to a running server: prompts move from one domain to another at
     --shift_at, and the simulated users' thumbs-down rate rises. A stand-in for real users: the
-    ratings are random draws, not judgements of the replies."""
+    ratings are random draws, except for `tasks` questions, which are rated by their answers."""
     cfg = parse_config(SimulateConfig, argv, description="drifting traffic to a running server")
     import random
     import threading
     import urllib.error
     import urllib.request
-    pools = {"before": domain_prompts(cfg.data_dir, cfg.before), "after": domain_prompts(cfg.data_dir, cfg.after)}
+    def pool(domain):  # (prompt, answer or None)
+        if domain == "tasks":
+            return task_prompts(cfg.data_dir, seed=cfg.seed)
+        return [(prompt, None) for prompt in domain_prompts(cfg.data_dir, domain)]
+    pools = {"before": pool(cfg.before), "after": pool(cfg.after)}
     headers = {"content-type": "application/json", **({"authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {})}
 
     def call(path, body=None):
@@ -625,7 +641,8 @@ def simulate(argv) -> dict:
     plan = []  # drawn up front, so the traffic is the same whatever the timing
     for i in range(cfg.requests):
         phase = "after" if i >= cfg.shift_at else "before"
-        plan.append({"i": i, "prompt": rng.choice(pools[phase]), "rate": rng.random() < cfg.rate_share,
+        prompt, answer = rng.choice(pools[phase])
+        plan.append({"i": i, "prompt": prompt, "answer": answer, "rate": rng.random() < cfg.rate_share,
                      "down": rng.random() < (cfg.down_after if phase == "after" else cfg.down_before)})
     counts = {"sent": 0, "errors": 0, "rated": 0}
     lock, queue = threading.Lock(), list(reversed(plan))
@@ -641,7 +658,11 @@ def simulate(argv) -> dict:
                                                        "seed": cfg.seed * 100_003 + item["i"],
                                                        "messages": [{"role": "user", "content": item["prompt"]}]})
                 if item["rate"]:
-                    call("/v1/feedback", {"request_id": answer["id"], "rating": "down" if item["down"] else "up"})
+                    down = item["down"]
+                    if item["answer"] is not None:  # a user who knows the answer rates the reply by it
+                        from nanofm.instructions import exact_match
+                        down = not exact_match(answer["choices"][0]["message"]["content"], item["answer"])
+                    call("/v1/feedback", {"request_id": answer["id"], "rating": "down" if down else "up"})
                 with lock:
                     counts["sent"] += 1
                     counts["rated"] += item["rate"]

@@ -307,3 +307,58 @@ def test_monitor_reads_a_postgresql_log(postgres_url, tmp_path):
     assert result["db"].startswith("PostgreSQL at 127.0.0.1") and result["requests"] == 200
     with pytest.raises(NanofmError, match="PostgreSQL at 127.0.0.1:1"):
         monitor.main(["check", "--db", "postgresql://nanofm@127.0.0.1:1/postgres"])
+
+
+def test_an_interrupted_retrain_is_recorded_and_changes_nothing(chat_model, tmp_path, monkeypatch):  # noqa: F811
+    import json
+    import shutil
+    import subprocess
+    import monitor
+    from nanofm.checkpoint import resolve
+    serving = tmp_path / "serving"
+    shutil.copytree(chat_model, serving)
+    first = resolve(serving)
+    rng = np.random.default_rng(14)
+    db = fill_log(tmp_path / "log.db", rows(rng, 60, down=0.0))  # about 30 thumbs up
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the candidate trains
+    monkeypatch.setattr(subprocess, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        monitor.main(["retrain", "--db", db, "--serving", str(serving), "--out_dir", str(tmp_path / "rt"),
+                      "--trigger", "force", "--stage", "sft", "--min_examples", "5"])
+    assert resolve(serving) == first and sorted(p.name for p in serving.iterdir()) == sorted(
+        p.name for p in Path(chat_model).iterdir())
+    decision = json.loads((tmp_path / "rt" / "decisions.jsonl").read_text())
+    assert decision["action"] == "failed" and "interrupted" in decision["reason"]
+
+
+def test_simulate_sends_drifting_traffic_to_a_real_server(chat_model, corpus, tmp_path):  # noqa: F811
+    pytest.importorskip("uvicorn", reason="serve.py needs uvicorn and fastapi (requirements.txt)")
+    import monitor
+    import serve
+    from nanofm import chat
+    from nanofm.checkpoint import load_for_inference
+    from nanofm.engine import Engine
+    from nanofm.interactions import InteractionLog
+    from nanofm.instructions import exact_match
+    from test_serve import start
+    model, meta, tokenizer = load_for_inference(chat_model)
+    log = InteractionLog(tmp_path / "log.db")
+    url, server = start(serve.make_app(Engine(model, tokenizer), "chat", chat.CHAT_FORMAT, slots=4, log=log))
+    try:
+        counts = monitor.main(["simulate", "--url", url, "--requests", "24", "--shift_at", "12", "--before", "tasks",
+                               "--after", "code", "--data_dir", str(corpus), "--rate_share", "1", "--max_tokens", "6",
+                               "--concurrency", "3"])
+    finally:
+        server.should_exit = True
+    assert counts == {"sent": 24, "errors": 0, "rated": 24}
+    answers = dict(monitor.task_prompts(str(corpus)))
+    code = set(monitor.domain_prompts(str(corpus), "code"))
+    logged = log.requests()
+    assert len(logged) == 24 and all(r["rating"] in (-1, 1) and r["rating_scale"] == "thumbs" for r in logged)
+    asked = [r["prompt"][0]["content"] for r in logged]
+    assert sum(q in answers for q in asked) == 12 and sum(q in code for q in asked) == 12
+    for r, question in zip(logged, asked):  # a task question is rated by its answer
+        if question in answers:
+            assert (r["rating"] == 1) == exact_match(r["output"][0], answers[question])
