@@ -26,8 +26,9 @@ What each command does, top to bottom:
 
 - retrain: when a trigger fires (a drift or quality alarm, a schedule, or --trigger=force) and
   the cooldown has passed, exports the feedback, trains a candidate with the stage that fits
-  (continued pretraining on the prompts after input drift, else DPO on preference pairs when
-  there are enough, else SFT on the good replies), evaluates the candidate and the serving model
+  (continued pretraining on the prompts after input drift, followed for a chat model by a short
+  SFT that brings its chat format back; else DPO on preference pairs when there are enough; else
+  SFT on the good replies), evaluates the candidate and the serving model
   with the evaluation library (--gate_task, --gate_metric), and promotes the candidate only if it
   is at least as good (+ --gate_margin): it becomes the serving run directory's newest checkpoint
   (a server started with --watch reloads it; --serve_url asks one to reload at once). Every
@@ -403,7 +404,8 @@ class RetrainConfig(DriftConfig, LogConfig):
     reference_requests: int = 100  # ...against the first N
     min_examples: int = 20  # feedback examples a stage needs (good replies for sft, pairs for dpo)
     max_iters: int = 200  # the candidate's training steps
-    train_flags: list[str] = field(default_factory=list)  # extra flags for the training script, repeatable (--train_flags=--lr=1e-4)
+    train_flags: list[str] = field(default_factory=list)  # extra flags for the candidate's training script, repeatable (--train_flags=--lr=1e-4)
+    pretrain_flags: list[str] = field(default_factory=list)  # extra flags for the continued-pretraining step (stage pretrain)
     gate_task: str = "instructions"  # the evaluation task (nanofm/evaluate.py) both models take
     gate_metric: str = "mean_exact_match"  # its number that must not fall (a headline number of that task)
     gate_margin: float = 0.0  # the candidate must score at least the serving model's number + this
@@ -497,26 +499,36 @@ def retrain_once(cfg: RetrainConfig) -> dict:
         except MonitorError as exc:  # e.g. curation kept no document
             return decide(cfg, log_path, {"action": "failed", "stage": stage, "trigger": reason, "feedback": counts,
                                           "reason": f"preparing the corpus failed; serving model kept: {exc}"})
-        replay = json.loads((serving / "meta.json").read_text()).get("data_dir") or ""
-        command = ["train_pretrain.py", "--init_from", str(serving), "--data_dir", str(run / "data"),
-                   *(["--replay_dir", replay, "--replay_ratio=0.5"] if replay else [])]
+        meta = json.loads((serving / "meta.json").read_text())
+        replay = meta.get("data_dir") or ""
+        if not (replay and list(Path(replay).glob("train_*.bin")) and (Path(replay) / "tokenizer.json").is_file()):
+            replay = ""  # no shards of the old data at hand: nothing to replay
+        adapted = run / "adapted" if meta.get("chat_format") else candidate_dir
+        steps = [["train_pretrain.py", "--init_from", str(serving), "--data_dir", str(run / "data"),
+                  *(["--replay_dir", replay, "--replay_ratio=0.5"] if replay else []), "--out_dir", str(adapted),
+                  f"--max_iters={cfg.max_iters}", *cfg.pretrain_flags]]
+        if meta.get("chat_format"):  # plain text makes a chat model forget its format: SFT brings it back
+            steps.append(["train_sft.py", "--init_from", str(adapted), "--per_family=200", "--per_synthetic=400",
+                          *(["--data", str(feedback / "sft.jsonl")] if counts["sft"] else []),
+                          "--out_dir", str(candidate_dir), f"--max_iters={cfg.max_iters}", *cfg.train_flags])
     elif stage == "sft":
-        command = ["train_sft.py", "--init_from", str(serving), "--data", str(feedback / "sft.jsonl"),
-                   "--per_family=200", "--per_synthetic=400"]  # some built-in questions as replay
+        steps = [["train_sft.py", "--init_from", str(serving), "--data", str(feedback / "sft.jsonl"),
+                  "--per_family=200", "--per_synthetic=400",  # some built-in questions as replay
+                  "--out_dir", str(candidate_dir), f"--max_iters={cfg.max_iters}", *cfg.train_flags]]
     else:
-        command = ["train_rlhf.py", "--algo=dpo", "--init_from", str(serving), "--data", str(feedback / "pairs.jsonl")]
-    command = [sys.executable, str(ROOT / command[0]), *command[1:], "--out_dir", str(candidate_dir),
-               f"--max_iters={cfg.max_iters}", *cfg.train_flags]
-    base = {"stage": stage, "trigger": reason, "serving": str(serving), "feedback": counts, "command": command[1:]}
+        steps = [["train_rlhf.py", "--algo=dpo", "--init_from", str(serving), "--data", str(feedback / "pairs.jsonl"),
+                  "--out_dir", str(candidate_dir), f"--max_iters={cfg.max_iters}", *cfg.train_flags]]
+    base = {"stage": stage, "trigger": reason, "serving": str(serving), "feedback": counts, "commands": steps}
     print(f"retrain: {reason}; training a {stage} candidate in {candidate_dir}")
-    try:
-        done = subprocess.run(command, capture_output=True, text=True)
-    except KeyboardInterrupt:
-        decide(cfg, log_path, {**base, "action": "failed", "reason": "interrupted during training; serving model kept"})
-        raise
-    if done.returncode != 0:
-        return decide(cfg, log_path, {**base, "action": "failed", "reason": f"training failed (exit {done.returncode}); "
-                                      f"serving model kept: {done.stderr.strip()[-600:]}"})
+    for step in steps:
+        try:
+            done = subprocess.run([sys.executable, str(ROOT / step[0]), *step[1:]], capture_output=True, text=True)
+        except KeyboardInterrupt:
+            decide(cfg, log_path, {**base, "action": "failed", "reason": "interrupted during training; serving model kept"})
+            raise
+        if done.returncode != 0:
+            return decide(cfg, log_path, {**base, "action": "failed", "reason": f"training failed ({step[0]}, exit "
+                                          f"{done.returncode}); serving model kept: {done.stderr.strip()[-600:]}"})
     candidate = resolve(candidate_dir)
     before, after = gate_score(str(serving), cfg), gate_score(str(candidate), cfg)
     gate = {"task": cfg.gate_task, "metric": cfg.gate_metric, "serving": before, "candidate": after,

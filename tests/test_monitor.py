@@ -362,3 +362,34 @@ def test_simulate_sends_drifting_traffic_to_a_real_server(chat_model, corpus, tm
     for r, question in zip(logged, asked):  # a task question is rated by its answer
         if question in answers:
             assert (r["rating"] == 1) == exact_match(r["output"][0], answers[question])
+
+
+def test_retrain_after_input_drift_pretrains_then_restores_the_chat_format(chat_model, tmp_path):  # noqa: F811
+    import json
+    import shutil
+    import monitor
+    from nanofm.checkpoint import load_model, resolve
+    from nanofm.interactions import InteractionLog
+    serving = tmp_path / "serving"
+    shutil.copytree(chat_model, serving)
+    log = InteractionLog(tmp_path / "log.db")
+    rng = np.random.default_rng(15)
+    for i in range(40):  # prompts long enough to survive curation (the corpus)...
+        text = " ".join(rng.choice(PROSE, 70)) + ", said the old man to the children by the river."
+        log.record_request({"id": str(i), "model": "m", "endpoint": "chat", "settings": {},
+                            "prompt": [{"role": "user", "content": text}], "output": ["Yes."]})
+    for i in range(10):  # ...and short ones rated up (SFT data for the second step)
+        log.record_request({"id": f"s{i}", "model": "m", "endpoint": "chat", "settings": {},
+                            "prompt": [{"role": "user", "content": f"Say {i}."}], "output": [str(i)]})
+        log.record_feedback(f"s{i}", 1)
+    log.close()
+    tiny = ["--pretrain_flags=--batch_size=2", "--pretrain_flags=--seq_len=32", "--pretrain_flags=--eval_iters=1",
+            "--pretrain_flags=--eval_interval=100", "--pretrain_flags=--sample_tokens=0"]
+    decision = monitor.main(["retrain", "--db", str(tmp_path / "log.db"), "--serving", str(serving), "--out_dir",
+                             str(tmp_path / "rt"), "--trigger", "force", "--stage", "pretrain", "--max_iters", "2",
+                             "--min_examples", "5", "--gate_items", "2", "--gate_margin=-1", *tiny, *TINY_TRAIN])
+    assert decision["action"] == "promoted", decision["reason"]
+    assert [c[0] for c in decision["commands"]] == ["train_pretrain.py", "train_sft.py"]
+    model, meta = load_model(serving)
+    assert meta["stage"] == "sft" and meta.get("chat_format")  # the promoted model chats again
+    assert "adapted" in json.dumps(meta["lineage"]) and resolve(serving) == Path(decision["promoted"])  # SFT on the pretrained
