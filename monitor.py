@@ -426,9 +426,12 @@ def past_decisions(log_path: Path) -> list[dict]:
     return read_metrics(log_path) if log_path.is_file() else []
 
 
-def gate_score(ckpt: str, cfg: RetrainConfig) -> float:
+def gate_score(ckpt: str, cfg: RetrainConfig, data_dir: str) -> float:
+    """The gate's number for one model. Both models take the same items: the built-in tasks are
+    drawn from `data_dir` (the serving model's), never from each model's own data_dir, which for a
+    candidate may be the small feedback corpus (fewer families: a different, easier test)."""
     from nanofm.evaluate import Settings, Subject, headline, run_tasks
-    out = run_tasks(Subject.load(ckpt), [cfg.gate_task], Settings(max_items=cfg.gate_items))
+    out = run_tasks(Subject.load(ckpt), [cfg.gate_task], Settings(max_items=cfg.gate_items, data_dir=data_dir))
     numbers = headline(cfg.gate_task, out["results"][cfg.gate_task])
     if cfg.gate_metric not in numbers:
         raise ConfigError(f"--gate_metric {cfg.gate_metric!r} is not a number of {cfg.gate_task}: {sorted(numbers)}")
@@ -492,6 +495,7 @@ def retrain_once(cfg: RetrainConfig) -> dict:
                                       f"feedback for {stage}: {have} examples, --min_examples {cfg.min_examples}",
                                       "feedback": counts})
     candidate_dir, feedback = run / "candidate", run / "feedback"
+    data_dir = json.loads((serving / "meta.json").read_text()).get("data_dir") or ""  # the built-in tasks' corpus
     if stage == "pretrain":
         try:
             export(["--db", cfg.db, "--out_dir", str(feedback), "--prepare", "--data_out", str(run / "data"),
@@ -509,6 +513,7 @@ def retrain_once(cfg: RetrainConfig) -> dict:
                   f"--max_iters={cfg.max_iters}", *cfg.pretrain_flags]]
         if meta.get("chat_format"):  # plain text makes a chat model forget its format: SFT brings it back
             steps.append(["train_sft.py", "--init_from", str(adapted), "--per_family=200", "--per_synthetic=400",
+                          *(["--data_dir", data_dir] if data_dir else []),  # the built-in questions of the old corpus
                           *(["--data", str(feedback / "sft.jsonl")] if counts["sft"] else []),
                           "--out_dir", str(candidate_dir), f"--max_iters={cfg.max_iters}", *cfg.train_flags])
     elif stage == "sft":
@@ -530,9 +535,9 @@ def retrain_once(cfg: RetrainConfig) -> dict:
             return decide(cfg, log_path, {**base, "action": "failed", "reason": f"training failed ({step[0]}, exit "
                                           f"{done.returncode}); serving model kept: {done.stderr.strip()[-600:]}"})
     candidate = resolve(candidate_dir)
-    before, after = gate_score(str(serving), cfg), gate_score(str(candidate), cfg)
+    before, after = gate_score(str(serving), cfg, data_dir), gate_score(str(candidate), cfg, data_dir)
     gate = {"task": cfg.gate_task, "metric": cfg.gate_metric, "serving": before, "candidate": after,
-            "margin": cfg.gate_margin}
+            "margin": cfg.gate_margin, "data_dir": data_dir}
     if after < before + cfg.gate_margin:
         return decide(cfg, log_path, {**base, "action": "rejected", "candidate": str(candidate), "gate": gate,
                                       "reason": f"gate failed: {cfg.gate_metric} {after:.4f} < serving {before:.4f} + "

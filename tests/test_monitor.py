@@ -392,4 +392,6 @@ def test_retrain_after_input_drift_pretrains_then_restores_the_chat_format(chat_
     assert [c[0] for c in decision["commands"]] == ["train_pretrain.py", "train_sft.py"]
     model, meta = load_model(serving)
     assert meta["stage"] == "sft" and meta.get("chat_format")  # the promoted model chats again
+    serving_data = json.loads((resolve(chat_model) / "meta.json").read_text())["data_dir"]
+    assert meta["data_dir"] == serving_data == decision["gate"]["data_dir"]  # the gate and SFT: the old corpus's tasks
     assert "adapted" in json.dumps(meta["lineage"]) and resolve(serving) == Path(decision["promoted"])  # SFT on the pretrained
