@@ -29,8 +29,8 @@ What each command does, top to bottom:
   (continued pretraining on the prompts after input drift, followed for a chat model by a short
   SFT that brings its chat format back; else DPO on preference pairs when there are enough; else
   SFT on the good replies), evaluates the candidate and the serving model
-  with the evaluation library (--gate_task, --gate_metric), and promotes the candidate only if it
-  is at least as good (+ --gate_margin): it becomes the serving run directory's newest checkpoint
+  with the evaluation library (--gate_task, --gate_metric: every named number must hold), and
+  promotes the candidate only if it is at least as good (+ --gate_margin): it becomes the serving run directory's newest checkpoint
   (a server started with --watch reloads it; --serve_url asks one to reload at once). Every
   decision, with its reason and numbers, is a line of decisions.jsonl. A failed, rejected or
   interrupted retrain leaves the serving model as it was. --every_seconds keeps it running.
@@ -407,8 +407,8 @@ class RetrainConfig(DriftConfig, LogConfig):
     train_flags: list[str] = field(default_factory=list)  # extra flags for the candidate's training script, repeatable (--train_flags=--lr=1e-4)
     pretrain_flags: list[str] = field(default_factory=list)  # extra flags for the continued-pretraining step (stage pretrain)
     gate_task: str = "instructions"  # the evaluation task (nanofm/evaluate.py) both models take
-    gate_metric: str = "mean_exact_match"  # its number that must not fall (a headline number of that task)
-    gate_margin: float = 0.0  # the candidate must score at least the serving model's number + this
+    gate_metric: list[str] = field(default_factory=lambda: ["mean_exact_match", "chat_bleu"])  # its numbers that must not fall (headline numbers of that task), repeatable
+    gate_margin: float = 0.0  # the candidate must score at least the serving model's number + this, on every metric
     gate_items: int = 40  # items per family for the gate's evaluation
     out_dir: str = "out/retrain"  # candidates, their feedback data, and decisions.jsonl
 
@@ -426,16 +426,17 @@ def past_decisions(log_path: Path) -> list[dict]:
     return read_metrics(log_path) if log_path.is_file() else []
 
 
-def gate_score(ckpt: str, cfg: RetrainConfig, data_dir: str) -> float:
+def gate_scores(ckpt: str, cfg: RetrainConfig, data_dir: str) -> dict[str, float]:
     """The gate's number for one model. Both models take the same items: the built-in tasks are
     drawn from `data_dir` (the serving model's), never from each model's own data_dir, which for a
     candidate may be the small feedback corpus (fewer families: a different, easier test)."""
     from nanofm.evaluate import Settings, Subject, headline, run_tasks
     out = run_tasks(Subject.load(ckpt), [cfg.gate_task], Settings(max_items=cfg.gate_items, data_dir=data_dir))
     numbers = headline(cfg.gate_task, out["results"][cfg.gate_task])
-    if cfg.gate_metric not in numbers:
-        raise ConfigError(f"--gate_metric {cfg.gate_metric!r} is not a number of {cfg.gate_task}: {sorted(numbers)}")
-    return float(numbers[cfg.gate_metric])
+    missing = [m for m in cfg.gate_metric if m not in numbers]
+    if missing:
+        raise ConfigError(f"--gate_metric {missing} not among the numbers of {cfg.gate_task}: {sorted(numbers)}")
+    return {m: float(numbers[m]) for m in cfg.gate_metric}
 
 
 def promote(candidate: Path, serving: Path) -> Path:
@@ -524,6 +525,7 @@ def retrain_once(cfg: RetrainConfig) -> dict:
         steps = [["train_rlhf.py", "--algo=dpo", "--init_from", str(serving), "--data", str(feedback / "pairs.jsonl"),
                   "--out_dir", str(candidate_dir), f"--max_iters={cfg.max_iters}", *cfg.train_flags]]
     base = {"stage": stage, "trigger": reason, "serving": str(serving), "feedback": counts, "commands": steps}
+    before = gate_scores(str(serving), cfg, data_dir)  # first: a --gate_metric that does not exist fails before training
     print(f"retrain: {reason}; training a {stage} candidate in {candidate_dir}")
     for step in steps:
         try:
@@ -535,13 +537,15 @@ def retrain_once(cfg: RetrainConfig) -> dict:
             return decide(cfg, log_path, {**base, "action": "failed", "reason": f"training failed ({step[0]}, exit "
                                           f"{done.returncode}); serving model kept: {done.stderr.strip()[-600:]}"})
     candidate = resolve(candidate_dir)
-    before, after = gate_score(str(serving), cfg, data_dir), gate_score(str(candidate), cfg, data_dir)
-    gate = {"task": cfg.gate_task, "metric": cfg.gate_metric, "serving": before, "candidate": after,
-            "margin": cfg.gate_margin, "data_dir": data_dir}
-    if after < before + cfg.gate_margin:
+    after = gate_scores(str(candidate), cfg, data_dir)
+    gate = {"task": cfg.gate_task, "margin": cfg.gate_margin, "data_dir": data_dir,
+            "metrics": {m: {"serving": before[m], "candidate": after[m]} for m in cfg.gate_metric}}
+    verdicts = [f"{m} {after[m]:.4f} {'>=' if after[m] >= before[m] + cfg.gate_margin else '<'} serving {before[m]:.4f}"
+                for m in cfg.gate_metric]
+    if any(after[m] < before[m] + cfg.gate_margin for m in cfg.gate_metric):
         return decide(cfg, log_path, {**base, "action": "rejected", "candidate": str(candidate), "gate": gate,
-                                      "reason": f"gate failed: {cfg.gate_metric} {after:.4f} < serving {before:.4f} + "
-                                                f"{cfg.gate_margin}; serving model kept"})
+                                      "reason": f"gate failed (margin {cfg.gate_margin}): {'; '.join(verdicts)}; "
+                                                f"serving model kept"})
     promoted = promote(candidate, Path(cfg.serving) if not (Path(cfg.serving) / "model.pt").exists() else serving.parent)
     reloaded = None
     if cfg.serve_url:
@@ -556,8 +560,7 @@ def retrain_once(cfg: RetrainConfig) -> dict:
             reloaded = f"the reload request failed ({exc}); a server started with --watch picks it up anyway"
     return decide(cfg, log_path, {**base, "action": "promoted", "candidate": str(candidate), "promoted": str(promoted),
                                   "gate": gate, "reloaded": reloaded,
-                                  "reason": f"gate passed: {cfg.gate_metric} {after:.4f} >= serving {before:.4f} + "
-                                            f"{cfg.gate_margin}"})
+                                  "reason": f"gate passed (margin {cfg.gate_margin}): {'; '.join(verdicts)}"})
 
 
 def retrain(argv) -> dict:

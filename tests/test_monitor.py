@@ -230,7 +230,8 @@ def test_retrain_gates_promotes_keeps_the_old_model_on_failure_and_cools_down(ch
               "--stage", "sft", "--max_iters", "2", "--min_examples", "5", "--gate_items", "2", *TINY_TRAIN]
     rejected = monitor.main([*common, "--trigger", "force", "--gate_margin", "1.0"])  # no candidate can pass
     assert rejected["action"] == "rejected" and "serving model kept" in rejected["reason"]
-    assert resolve(serving) == first and rejected["gate"]["candidate"] < rejected["gate"]["serving"] + 1.0
+    assert resolve(serving) == first and set(rejected["gate"]["metrics"]) == {"mean_exact_match", "chat_bleu"}
+    assert any(m["candidate"] < m["serving"] + 1.0 for m in rejected["gate"]["metrics"].values())
     failed = monitor.main([*common, "--trigger", "force", "--train_flags=--lr=-1"])  # the trainer refuses it
     assert failed["action"] == "failed" and resolve(serving) == first
     promoted = monitor.main([*common, "--trigger", "force", "--gate_margin=-1"])  # every candidate passes
@@ -244,6 +245,9 @@ def test_retrain_gates_promotes_keeps_the_old_model_on_failure_and_cools_down(ch
     assert all(d["reason"] for d in decisions)
     with pytest.raises(ConfigError, match="--trigger"):
         monitor.main([*common, "--trigger", "sometimes"])
+    with pytest.raises(ConfigError, match="not among the numbers of instructions"):  # before any training
+        monitor.main([*common, "--trigger", "force", "--gate_metric", "happiness"])
+    assert len((tmp_path / "rt" / "decisions.jsonl").read_text().splitlines()) == 4
 
 
 from pathlib import Path  # noqa: E402
