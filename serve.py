@@ -31,8 +31,9 @@ Design decisions:
   never a 500: pydantic checks the shapes and ranges, the engine the prompt's length.
 - Binds 127.0.0.1 unless --host says otherwise.
 - Every request (prompt or messages, output, settings, latency, token counts) is written to the
-  interaction log (nanofm/interactions.py, SQLite in WAL mode) before the client gets the end of
-  its answer; POST /v1/feedback joins a rating to a request id. GET /metrics counts requests,
+  interaction log (nanofm/interactions.py: SQLite in WAL mode, or PostgreSQL by URL, which
+  replicas share) before the client gets the end of its answer; a reply the log cannot keep is
+  a 503, not an unlogged answer. POST /v1/feedback joins a rating to a request id. GET /metrics counts requests,
   tokens and latency, and reports the queue and the running batch, in Prometheus' text format.
 - Reload keeps every request: requests in flight finish on the model that started them (the
   scheduler keeps one running batch per model until it empties); a checkpoint that fails to
