@@ -59,8 +59,9 @@ sys.path.insert(0, str(ROOT))
 from nanofm.common import ConfigError, NanofmError, atomic_write_bytes, atomic_write_text, run_cli  # noqa: E402
 from nanofm.config import parse_config  # noqa: E402
 from nanofm.interactions import InteractionLog, is_url  # noqa: E402
-from nanofm.monitoring import (DriftConfig, MonitorError, check_drift, finite, is_down, prompt_text,  # noqa: E402
-                               reply_text, split_windows, summarize)
+from nanofm.monitoring import (DriftConfig, MonitorError, check_drift, finite, is_down, is_good,  # noqa: E402
+                               latest_window, prompt_text, reference_and_current, reply_text, split_windows,
+                               summarize)
 
 
 @dataclass
@@ -302,18 +303,12 @@ def periodic_eval(cfg: CheckConfig) -> dict | None:
 def check(argv) -> dict:
     cfg = parse_config(CheckConfig, argv, description="the latest window against a reference: JSON and exit code")
     rows = read_rows(cfg.db)
-    if cfg.window_seconds > 0:
-        current = [r for r in rows if r["created"] >= rows[-1]["created"] - cfg.window_seconds]
-    else:
-        current = rows[-cfg.window_requests:]
     if cfg.reference_data:
+        current = latest_window(rows, cfg.window_requests, cfg.window_seconds)
         reference = reference_from_data(cfg.reference_data, max(cfg.min_rows, cfg.reference_requests))
     else:
-        reference = rows[:cfg.reference_requests]
-        if current[0]["created"] <= reference[-1]["created"]:
-            raise MonitorError(f"the current window overlaps the reference: the log has {len(rows)} requests, fewer "
-                               f"than --reference_requests ({cfg.reference_requests}) + --window_requests "
-                               f"({cfg.window_requests})")
+        reference, current = reference_and_current(rows, cfg.reference_requests, cfg.window_requests,
+                                                   cfg.window_seconds)
     extra = [periodic_eval(cfg)] if cfg.eval_tasks else []
     status = check_drift(reference, current, drift_config(cfg), reply_perplexity(cfg.ckpt) if cfg.ckpt else None,
                          [e for e in extra if e is not None])
@@ -329,15 +324,6 @@ def check(argv) -> dict:
 
 
 # ------------------------------------------------------------------ export
-
-def is_good(row: dict, min_stars: int) -> bool:
-    rating, scale = row.get("rating"), row.get("rating_scale")
-    if rating is None:
-        return False
-    if scale == "stars" or (scale is None and rating > 1):
-        return rating >= min_stars
-    return rating > 0
-
 
 def messages_of(row: dict) -> list[dict]:
     prompt = row["prompt"]
@@ -376,17 +362,21 @@ def export(argv) -> dict:
           f"({len(pairs)} preference pairs), {out}/corpus/prompts.jsonl ({len(corpus)} distinct prompts)")
     if not sft:
         print("note: no reply is rated good yet, so sft.jsonl is empty (train_sft.py refuses an empty file)")
-    if cfg.prepare:  # curated and PII-masked like every other corpus
-        from nanofm.checkpoint import resolve
-        tokenizer = resolve(cfg.ckpt) / "tokenizer.json"
-        command = [sys.executable, str(ROOT / "data" / "prepare.py"), "--input", str(out / "corpus"),
-                   "--out", cfg.data_out, "--tokenizer", str(tokenizer), "--progress=false",
-                   f"--val_fraction={cfg.val_fraction}"]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise MonitorError(f"data/prepare.py failed on {out}/corpus:\n{done.stderr[-2000:]}")
-        print(f"curated the corpus into {cfg.data_out}")
+    if cfg.prepare:
+        prepare_corpus(out / "corpus", cfg.data_out, cfg.ckpt, cfg.val_fraction)
     return counts
+
+
+def prepare_corpus(corpus: Path, data_out: str | Path, ckpt: str | Path, val_fraction: float) -> None:
+    """data/prepare.py on an exported corpus: curated and PII-masked like every other corpus, and
+    encoded with the checkpoint's tokenizer, so that model can train on it."""
+    from nanofm.checkpoint import resolve
+    command = [sys.executable, str(ROOT / "data" / "prepare.py"), "--input", str(corpus), "--out", str(data_out),
+               "--tokenizer", str(resolve(ckpt) / "tokenizer.json"), "--progress=false", f"--val_fraction={val_fraction}"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise MonitorError(f"data/prepare.py failed on {corpus}:\n{done.stderr[-2000:]}")
+    print(f"curated the corpus into {data_out}")
 
 
 # ------------------------------------------------------------------ retrain
@@ -455,7 +445,7 @@ def promote(candidate: Path, serving: Path) -> Path:
 
 
 def retrain_once(cfg: RetrainConfig) -> dict:
-    from nanofm.checkpoint import resolve
+    from nanofm.checkpoint import read_meta, resolve
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "decisions.jsonl"
@@ -467,11 +457,10 @@ def retrain_once(cfg: RetrainConfig) -> dict:
     serving = resolve(cfg.serving)
     alarms: dict = {}
     if cfg.trigger == "auto":
-        rows = read_rows(cfg.db)
-        current, reference = rows[-cfg.window_requests:], rows[:cfg.reference_requests]
-        if len(rows) < cfg.reference_requests + cfg.window_requests:
-            return decide(cfg, log_path, {"action": "skipped", "reason": f"too little traffic to judge: {len(rows)} "
-                                          f"requests, {cfg.reference_requests + cfg.window_requests} needed"})
+        try:
+            reference, current = reference_and_current(read_rows(cfg.db), cfg.reference_requests, cfg.window_requests)
+        except MonitorError as exc:
+            return decide(cfg, log_path, {"action": "skipped", "reason": str(exc)})
         status = check_drift(reference, current, drift_config(cfg))
         alarms = {g: v for g, v in status["groups"].items() if v["alarm"]}
         if not alarms:
@@ -481,7 +470,8 @@ def retrain_once(cfg: RetrainConfig) -> dict:
     else:
         reason = "scheduled" if cfg.trigger == "schedule" else "forced"
     run = out / time.strftime("%Y%m%d-%H%M%S")
-    counts = export(["--db", cfg.db, "--out_dir", str(run / "feedback")])
+    feedback = run / "feedback"
+    counts = export(["--db", cfg.db, "--out_dir", str(feedback)])
     stage = cfg.stage
     if stage == "auto":  # input drift: learn the new text; else the feedback that is richest
         if "input" in alarms:
@@ -495,17 +485,16 @@ def retrain_once(cfg: RetrainConfig) -> dict:
         return decide(cfg, log_path, {"action": "skipped", "stage": stage, "reason": f"{reason}, but not enough "
                                       f"feedback for {stage}: {have} examples, --min_examples {cfg.min_examples}",
                                       "feedback": counts})
-    candidate_dir, feedback = run / "candidate", run / "feedback"
-    data_dir = json.loads((serving / "meta.json").read_text()).get("data_dir") or ""  # the built-in tasks' corpus
+    candidate_dir = run / "candidate"
+    meta = read_meta(serving)
+    data_dir = meta.get("data_dir") or ""  # the built-in tasks' corpus
     if stage == "pretrain":
-        try:
-            export(["--db", cfg.db, "--out_dir", str(feedback), "--prepare", "--data_out", str(run / "data"),
-                    "--ckpt", str(serving)])
+        try:  # the corpus the export above wrote
+            prepare_corpus(feedback / "corpus", run / "data", serving, ExportConfig.val_fraction)
         except MonitorError as exc:  # e.g. curation kept no document
             return decide(cfg, log_path, {"action": "failed", "stage": stage, "trigger": reason, "feedback": counts,
                                           "reason": f"preparing the corpus failed; serving model kept: {exc}"})
-        meta = json.loads((serving / "meta.json").read_text())
-        replay = meta.get("data_dir") or ""
+        replay = data_dir
         if not (replay and list(Path(replay).glob("train_*.bin")) and (Path(replay) / "tokenizer.json").is_file()):
             replay = ""  # no shards of the old data at hand: nothing to replay
         adapted = run / "adapted" if meta.get("chat_format") else candidate_dir

@@ -346,9 +346,10 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
         return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
     def log_cancelled(*args) -> None:
-        """Log a request that ended early (a client gone, an error); a log that is down is reported."""
+        """log_request for a request that ended early (a client gone, an error), where there is no
+        one left to answer: a log that is down is reported, not raised."""
         try:
-            log_request(*args[:-1], "cancelled", args[-1])
+            log_request(*args)
         except LogError as exc:
             print(f"warning: a cancelled request was not logged: {exc}", file=sys.stderr)
 
@@ -433,7 +434,8 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
                     pass
             finally:
                 if not all(completions):  # an error or a client gone: still logged
-                    log_cancelled(rid, endpoint, body, prompt, rows, texts, completions, started, checkpoint)
+                    log_cancelled(rid, endpoint, body, prompt, rows, texts, completions, started, "cancelled",
+                                  checkpoint)
             try:
                 await asyncio.to_thread(log_request, rid, endpoint, body, prompt, rows, texts, completions, started,
                                         finish_of(completions), checkpoint)
@@ -481,7 +483,8 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
             finally:
                 release()
                 if not logged:  # the client went away mid-stream: what it was sent is still logged
-                    log_cancelled(rid, endpoint, body, prompt, rows, texts, completions, started, checkpoint)
+                    log_cancelled(rid, endpoint, body, prompt, rows, texts, completions, started, "cancelled",
+                                  checkpoint)
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 

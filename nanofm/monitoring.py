@@ -75,14 +75,43 @@ def reply_text(row: dict) -> str:
     return output[0] if isinstance(output, list) else str(output)
 
 
+def _on_stars(row: dict) -> bool:
+    """Whether a row's rating is on the 1..5 stars scale (a log from before scales: -1 and 1 are
+    thumbs, 2..5 stars)."""
+    scale = row.get("rating_scale")
+    return scale == "stars" or (scale is None and row["rating"] > 1)
+
+
 def is_down(row: dict) -> bool:
-    """A thumbs down, or 1-2 stars (a log from before scales: -1 is down, 1 up, 2..5 stars)."""
-    rating, scale = row.get("rating"), row.get("rating_scale")
-    if rating is None:
+    """A thumbs down, or 1-2 stars."""
+    if row.get("rating") is None:
         return False
-    if scale == "stars" or (scale is None and rating > 1):
-        return rating <= 2
-    return rating < 0
+    return row["rating"] <= 2 if _on_stars(row) else row["rating"] < 0
+
+
+def is_good(row: dict, min_stars: int = 4) -> bool:
+    """A thumbs up, or at least `min_stars` stars."""
+    if row.get("rating") is None:
+        return False
+    return row["rating"] >= min_stars if _on_stars(row) else row["rating"] > 0
+
+
+def latest_window(rows: list[dict], requests: int = 0, seconds: float = 0.0) -> list[dict]:
+    """The last `requests` rows, or, when seconds > 0, those of the last `seconds`."""
+    if seconds > 0:
+        return [r for r in rows if r["created"] >= rows[-1]["created"] - seconds]
+    return rows[-requests:]
+
+
+def reference_and_current(rows: list[dict], reference_requests: int, window_requests: int = 0,
+                          window_seconds: float = 0.0) -> tuple[list[dict], list[dict]]:
+    """The first `reference_requests` rows, and the latest window; an error when they would overlap."""
+    current, reference = latest_window(rows, window_requests, window_seconds), rows[:reference_requests]
+    if not reference or not current or current[0]["created"] <= reference[-1]["created"]:
+        raise MonitorError(f"too little traffic to judge: the latest window overlaps the reference (the log has "
+                           f"{len(rows)} requests; --reference_requests {reference_requests}, --window_requests "
+                           f"{window_requests})")
+    return reference, current
 
 
 def word_counts(texts: list[str]) -> Counter:

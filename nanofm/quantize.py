@@ -151,44 +151,38 @@ class Int8Embedding(nn.Module):
         return self.weight[idx].float() * self.weight_scale[idx, None]
 
 
-def _swap(model: nn.Module, make_linear, make_embedding) -> None:
+def _swap(model: nn.Module, make_linear, make_embedding) -> nn.Module:
+    """Every nn.Linear and the token embedding replaced by what the makers build; a tied head then
+    reads the embedding's int8 rows and scales; nothing trains. Returns the model in eval mode."""
+    tied = getattr(model.cfg, "tie_embeddings", False)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 setattr(module, child_name, make_linear(child))
             elif type(child) is nn.Embedding and f"{name}.{child_name}".lstrip(".") == "transformer.wte":
                 setattr(module, child_name, make_embedding(child))
-
-
-def quantize_model(model: nn.Module) -> nn.Module:
-    """Replace every nn.Linear and the token embedding with int8 versions, in place (returns the
-    model, in eval mode). A tied head shares the embedding's int8 table and scales."""
-    tied = getattr(model.cfg, "tie_embeddings", False) and model.lm_head.weight is model.transformer.wte.weight
-    model = model.float().eval()
-
-    def embedding(e: nn.Embedding) -> Int8Embedding:
-        table = Int8Embedding(e.num_embeddings, e.embedding_dim)
-        table.weight, table.weight_scale = quantize_per_channel(e.weight)
-        return table
-
-    _swap(model, Int8Linear.from_float, embedding)
-    if tied:  # the head reads the same int8 rows as the embedding
-        model.lm_head.weight, model.lm_head.weight_scale = model.transformer.wte.weight, model.transformer.wte.weight_scale
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def prepare_for_loading(model: nn.Module) -> nn.Module:
-    """Empty int8 modules in place of the float ones, ready for an int8 checkpoint's state dict."""
-    tied = getattr(model.cfg, "tie_embeddings", False)
-    _swap(model, lambda lin: Int8Linear(lin.in_features, lin.out_features, lin.bias is not None),
-          lambda e: Int8Embedding(e.num_embeddings, e.embedding_dim))
     if tied:
         model.lm_head.weight, model.lm_head.weight_scale = model.transformer.wte.weight, model.transformer.wte.weight_scale
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def quantize_model(model: nn.Module) -> nn.Module:
+    """Replace every nn.Linear and the token embedding with int8 versions, in place (returns the
+    model, in eval mode). A tied head shares the embedding's int8 table and scales."""
+
+    def embedding(e: nn.Embedding) -> Int8Embedding:
+        table = Int8Embedding(e.num_embeddings, e.embedding_dim)
+        table.weight, table.weight_scale = quantize_per_channel(e.weight)
+        return table
+    return _swap(model.float(), Int8Linear.from_float, embedding)
+
+
+def prepare_for_loading(model: nn.Module) -> nn.Module:
+    """Empty int8 modules in place of the float ones, ready for an int8 checkpoint's state dict."""
+    return _swap(model, lambda lin: Int8Linear(lin.in_features, lin.out_features, lin.bias is not None),
+                 lambda e: Int8Embedding(e.num_embeddings, e.embedding_dim))
 
 
 def is_quantized(model: nn.Module) -> bool:
