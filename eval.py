@@ -1,5 +1,6 @@
 """Stage 7: evaluate one checkpoint, or several side by side, and write a report.
 
+    python eval.py                                                      # the newest checkpoint in out/, every task that fits
     python eval.py --ckpt out/pretrain                                  # every task that fits it
     python eval.py --ckpt out/base --ckpt out/sft --tasks perplexity --tasks choice   # a comparison
     python eval.py --ckpt out/pretrain --tasks hellaswag --hellaswag_file hellaswag_val.jsonl
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from nanofm.checkpoint import newest_run
 from nanofm.common import ConfigError, pick_device, run_cli
 from nanofm.config import closest, config_to_dict, parse_config
 from nanofm.engine import SamplingParams
@@ -36,7 +38,7 @@ from nanofm.evaluate import TASKS, Settings, Subject, check_out_dir, plot_compar
 
 @dataclass
 class EvalConfig:
-    ckpt: list[str] = field(default_factory=list)  # checkpoint or run directories; repeat the flag to compare several
+    ckpt: list[str] = field(default_factory=list)  # checkpoint or run directories; repeat to compare; none = the newest run in out/
     tasks: list[str] = field(default_factory=list)  # tasks to run (repeat the flag); none = every task that fits
     data_dir: str = ""  # held-out documents for the built-in tasks; "" = each checkpoint's own data_dir
     out_dir: str = "out/eval"  # report.json, report.md and plots
@@ -90,8 +92,9 @@ def sample(cfg: EvalConfig, device: str) -> None:
 
 def main(argv=None) -> dict | None:
     cfg = parse_config(EvalConfig, argv, description=__doc__.split("\n\n")[0])
-    if not cfg.ckpt:
-        raise ConfigError("give at least one checkpoint: --ckpt out/pretrain (repeat --ckpt to compare several)")
+    if not cfg.ckpt:  # none given: the stage run most recently
+        cfg.ckpt = [str(newest_run("out"))]
+        print(f"no --ckpt given: evaluating the newest checkpoint under out/, {cfg.ckpt[0]}")
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     if cfg.prompt:

@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from nanofm.common import ConfigError, NanofmError, atomic_write_bytes, atomic_write_text, run_cli  # noqa: E402
-from nanofm.config import parse_config  # noqa: E402
+from nanofm.config import closest, parse_config  # noqa: E402
 from nanofm.interactions import InteractionLog, is_url  # noqa: E402
 from nanofm.monitoring import (DriftConfig, MonitorError, check_drift, finite, is_down, is_good,  # noqa: E402
                                latest_window, prompt_text, reference_and_current, reply_text, split_windows,
@@ -695,10 +695,17 @@ def simulate(argv) -> dict:
 COMMANDS = {"report": report, "check": check, "export": export, "retrain": retrain, "simulate": simulate}
 
 
+USAGE = f"usage: python monitor.py {{{'|'.join(COMMANDS)}}} [--flags]   (python monitor.py COMMAND --help: its flags)"
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("-h", "--help", "help"):  # the commands, what each does, and how to ask for its flags
+        print(USAGE + "\n\n" + __doc__.split("Design decisions:")[0].strip())
+        return None
     if not argv or argv[0] not in COMMANDS:
-        raise ConfigError(f"usage: python monitor.py {{{'|'.join(COMMANDS)}}} [--flags]  (--help after the command)")
+        unknown = f"unknown command {argv[0]!r}{closest(argv[0], list(COMMANDS), prefix='')}. " if argv else ""
+        raise ConfigError(unknown + USAGE)
     return COMMANDS[argv[0]](argv[1:])
 
 

@@ -31,6 +31,7 @@ from nanofm.data import (MixedLoader, ShardError, TokenLoader, check_token_ids, 
                          shard_paths, unigram_entropy)
 from nanofm.engine import Engine, SamplingParams  # noqa: E402
 from nanofm.model import ModelConfig, Transformer, padded_vocab  # noqa: E402
+from nanofm.tasks import induction_task  # noqa: E402
 from nanofm.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 from nanofm.train import (Run, TrainConfig, evaluate_nll, setup, teardown, token_byte_lengths, train,  # noqa: E402
                           wrap_model)
@@ -83,15 +84,21 @@ class PretrainConfig(TrainConfig):
 
 
 def ensure_data(cfg: PretrainConfig, master: bool) -> None:
-    """Build the built-in corpus on first use; any other missing data dir is the user's to make."""
+    """The built-in corpus is (re)built on use: data/prepare.py skips its finished steps in a fraction
+    of a second, and refuses a data/default made with older settings (a tokenizer from before
+    split_digits) with the fix in its message. Any other data dir is the user's to make."""
     data_dir = Path(cfg.data_dir)
-    if (data_dir / "tokenizer.json").exists() and list(data_dir.glob("train_*.bin")):
-        return
     if data_dir.resolve() != (ROOT / "data" / "default").resolve():
-        raise ShardError(f"{data_dir} holds no tokenizer and shards; make them with: python data/prepare.py --out {data_dir} ...")
+        if not ((data_dir / "tokenizer.json").exists() and list(data_dir.glob("train_*.bin"))):
+            raise ShardError(f"{data_dir} holds no tokenizer and shards; make them with: python data/prepare.py --out {data_dir} ...")
+        return
     if master:
-        print(f"{data_dir} is missing: preparing the built-in corpus first (python data/prepare.py)")
-        subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py")], check=True)
+        if not (data_dir / "tokenizer.json").exists():
+            print(f"{data_dir} is missing: preparing the built-in corpus first (python data/prepare.py)")
+        done = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py")], stdout=subprocess.DEVNULL
+                              if (data_dir / "tokenizer.json").exists() else None)
+        if done.returncode != 0:
+            raise ShardError(f"data/prepare.py could not bring {data_dir} up to date (its error is above)")
 
 
 def build_model(cfg: PretrainConfig, tokenizer: Tokenizer, device_type: str) -> tuple[Transformer, dict | None, str | None]:
@@ -133,8 +140,9 @@ class LanguageModeling:
     """The pretraining objective: next-token (clm) or masked-token (mlm) cross-entropy; evaluated
     as validation loss and bits per byte on the data dir and on each extra one (old domains)."""
 
-    def __init__(self, cfg: PretrainConfig, ctx, tokenizer: Tokenizer, model_cfg: ModelConfig, seq_len: int):
-        self.cfg, self.ctx, self.tokenizer, self.model_cfg, self.seq_len = cfg, ctx, tokenizer, model_cfg, seq_len
+    def __init__(self, cfg: PretrainConfig, ctx, tokenizer: Tokenizer, raw_model: Transformer, seq_len: int):
+        self.cfg, self.ctx, self.tokenizer, self.seq_len = cfg, ctx, tokenizer, seq_len
+        self.raw_model, self.model_cfg = raw_model, raw_model.cfg  # the plain model (not compiled or DDP) for probes
         self.specials = sorted(tokenizer.special_tokens.values())
         self.token_bytes = token_byte_lengths(tokenizer, ctx.device)
         extra = dict.fromkeys(([cfg.replay_dir] if cfg.replay_dir else []) + list(cfg.eval_dirs))
@@ -174,6 +182,11 @@ class LanguageModeling:
                              self.token_bytes)
             suffix = f"_{name}" if name else ""
             results[f"val_loss{suffix}"], results[f"val_bpb{suffix}"] = r["loss"], r["bpb"]
+        # the copying score (eval.py's induction task): its jump is the induction-head phase change. FSDP: every
+        # rank runs the forward
+        if self.model_cfg.causal and (self.ctx.master or self.ctx.fsdp):
+            results["induction_score"] = induction_task(self.raw_model, self.tokenizer)["copying_score"]
+            self.raw_model.train()
         return results
 
     def sample(self, model) -> str | None:
@@ -215,7 +228,7 @@ def main(argv=None) -> dict:
                                    train_rows(cfg.replay_dir, replay_rows))
     else:
         train_loader = train_rows(cfg.data_dir, cfg.batch_size)
-    objective = LanguageModeling(cfg, ctx, tokenizer, mcfg, seq_len)
+    objective = LanguageModeling(cfg, ctx, tokenizer, models.raw, seq_len)
 
     meta = make_meta(stage="pretrain", objective=cfg.objective, model=mcfg, config=config_to_dict(cfg),
                      tokenizer=tokenizer.name, data_dir=str(cfg.data_dir), parent=parent, parent_meta=parent_meta)

@@ -46,6 +46,7 @@ class PrepareConfig(CurateConfig):
     out: str = ""  # output directory (default: data/default for the built-in corpus, else required)
     tokenizer: str = "bpe"  # bpe (train one here), gpt2, or the path of a tokenizer.json
     vocab_size: int = 8192  # BPE vocabulary size, special tokens included (for --tokenizer=bpe)
+    split_digits: bool = True  # BPE: every digit its own token (learnable arithmetic); false = GPT-4's 1-3 digit chunks
     tokenizer_max_chars: int = 50_000_000  # train the BPE on at most this many characters
     val_fraction: float = 0.02  # share of documents held out for validation
     shard_tokens: int = 50_000_000  # tokens per shard file
@@ -67,10 +68,13 @@ class PrepareConfig(CurateConfig):
 STEP_SETTINGS = {
     "curate": [f for f in CurateConfig.__dataclass_fields__ if f not in ("num_workers", "examples_per_reason")]
               + ["input", "hub_text_field", "hub_max_docs"],
-    "tokenizer": ["tokenizer", "vocab_size", "tokenizer_max_chars", "val_fraction"],
+    "tokenizer": ["tokenizer", "vocab_size", "split_digits", "tokenizer_max_chars", "val_fraction"],
     "shards": ["shard_tokens"],
 }
 MANIFEST = "prepare.json"
+# what a setting added later meant for directories made before it: such a directory is then read as
+# made with that value (a data/default from before split_digits has GPT-4's digit chunks, so it is rebuilt)
+SETTINGS_BEFORE = {"split_digits": False}
 
 
 class PrepareError(NanofmError):
@@ -109,10 +113,10 @@ def load_manifest(out: Path, cfg: PrepareConfig) -> dict:
         return {"settings": {}, "steps": {}}
     manifest = json.loads(path.read_text())
     settings = config_to_dict(cfg)
-    changed = [k for keys in STEP_SETTINGS.values() for k in keys
-               if k in manifest["settings"] and manifest["settings"][k] != settings[k]]
+    made_with = {**{k: v for k, v in SETTINGS_BEFORE.items() if manifest["steps"]}, **manifest["settings"]}
+    changed = [k for keys in STEP_SETTINGS.values() for k in keys if k in made_with and made_with[k] != settings[k]]
     if changed and not cfg.force:
-        details = ", ".join(f"{k}: {manifest['settings'][k]!r} -> {settings[k]!r}" for k in changed[:4])
+        details = ", ".join(f"{k}: {made_with[k]!r} -> {settings[k]!r}" for k in changed[:4])
         raise PrepareError(f"{out} was made with other settings ({details}); add --force to rebuild it, "
                            f"or choose another --out")
     return manifest
@@ -123,7 +127,8 @@ def step_done(manifest: dict, step: str, out: Path, cfg: PrepareConfig) -> bool:
     if cfg.force or not entry:
         return False
     settings = config_to_dict(cfg)
-    if any(manifest["settings"].get(k) != settings[k] for k in STEP_SETTINGS[step]):
+    made_with = {**SETTINGS_BEFORE, **manifest["settings"]}
+    if any(made_with.get(k) != settings[k] for k in STEP_SETTINGS[step]):
         return False
     return all((out / name).is_file() and (out / name).stat().st_size == size for name, size in entry["outputs"].items())
 
@@ -145,7 +150,7 @@ def main(argv=None) -> int:
     cfg = parse_config(PrepareConfig, argv, description=__doc__.split("\n\n")[0])
     from nanofm import data as shards
     from nanofm.sources import check_inputs, iter_inputs
-    from nanofm.tokenizer import Tokenizer, train_bpe
+    from nanofm.tokenizer import GPT4_SPLIT_PATTERN, SPLIT_PATTERN, Tokenizer, train_bpe
 
     inputs = cfg.input or ["builtin"]
     if not cfg.out:
@@ -218,8 +223,9 @@ def main(argv=None) -> int:
                     break
                 texts.append(doc["text"][:budget])
                 budget -= len(texts[-1])
-            merges = train_bpe(texts, cfg.vocab_size, progress=cfg.progress)
-            tokenizer = Tokenizer.from_merges(merges)
+            pattern = SPLIT_PATTERN if cfg.split_digits else GPT4_SPLIT_PATTERN
+            merges = train_bpe(texts, cfg.vocab_size, pattern=pattern, progress=cfg.progress)
+            tokenizer = Tokenizer.from_merges(merges, pattern=pattern)
             if tokenizer.vocab_size < cfg.vocab_size:
                 print(f"warning: the corpus ran out of pairs to merge at {tokenizer.vocab_size} tokens (asked {cfg.vocab_size})")
         else:

@@ -139,6 +139,17 @@ def resolve(path: str | Path) -> Path:
     raise CheckpointError(f"no checkpoint at {path} (expected model.pt, or a run directory with ckpt_* checkpoints)")
 
 
+def newest_run(root: str | Path = "out") -> Path:
+    """The run directory under `root` whose newest complete checkpoint was written last: what a
+    command given no checkpoint means (the stage the user ran most recently)."""
+    runs = [((resolve(run) / "meta.json").stat().st_mtime_ns, run)
+            for run in sorted(Path(root).glob("*/")) if complete_checkpoints(run)]
+    if not runs:
+        raise CheckpointError(f"no checkpoint under {root}/: train one first (python train_pretrain.py), "
+                              f"or name one with --ckpt")
+    return max(runs)[1]
+
+
 # ------------------------------------------------------------------ saving
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module | dict, meta: dict, state: dict | None = None,

@@ -101,7 +101,7 @@ class TrainConfig:
     overwrite: bool = False  # allow a new run into an out_dir that holds another run (its checkpoints are deleted)
     # system
     device: str = "auto"  # auto | cuda | mps | cpu
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | bfloat16 | float32
+    dtype: str = "auto"  # auto (bf16 on CUDA and on CPUs with AMX or AVX-512 BF16, fp32 elsewhere) | bfloat16 | float32
     compile: str = "auto"  # auto (on for CUDA) | true | false
     kernels: bool = True  # Triton fused kernels on CUDA (linear + cross-entropy, RMSNorm)
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP

@@ -10,6 +10,9 @@ from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# --dtype=auto means bf16 on a CPU with bf16 matrix units: pin fp32 so that the exact comparisons
+# (resume bitwise, 1 process == 2) hold on every CPU; the bf16 path has tests of its own
+os.environ["NANOFM_CPU_DTYPE"] = "float32"
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

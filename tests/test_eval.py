@@ -4,8 +4,10 @@ real formats, probes behave, reports are written whole, and bad input is a clear
 import json
 import math
 import random
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -281,12 +283,25 @@ def test_classifier_and_mlm_checkpoints_get_their_tasks(data_dir, tmp_path):
     assert (tmp_path / "ev" / "confusion_clf.png").exists() and (tmp_path / "ev" / "explain_clf.png").exists()
 
 
+def test_no_ckpt_evaluates_the_newest_run_in_out(tmp_path, data_dir, monkeypatch):
+    import eval as evaluate
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="no checkpoint under out/: train one first"):
+        evaluate.main([])
+    model = Transformer(ModelConfig(vocab_size=576, n_layer=1, n_head=2, n_embd=32, block_size=80))
+    for run in ("pretrain", "sft", "rm"):  # written in this order
+        save_checkpoint(tmp_path / "out" / run, 1, model, {"model": model.cfg.to_dict(), "data_dir": str(data_dir)},
+                        tokenizer_path=data_dir / "tokenizer.json")
+        time.sleep(0.02)  # distinct modification times
+    shutil.rmtree(tmp_path / "out" / "rm" / "ckpt_0000001")  # a run directory without a complete checkpoint is skipped
+    report = evaluate.main(["--tasks", "induction", "--progress=false"])
+    assert list(report["checkpoints"]) == ["sft"] and Path(report["checkpoints"]["sft"]["path"]).parent.name == "sft"
+
+
 def test_bad_input(tmp_path, data_dir):
     import eval as evaluate
     with pytest.raises(ValueError, match="unknown task 'perplexty'; did you mean perplexity"):
         evaluate.main(["--ckpt", "x", "--tasks", "perplexty"])
-    with pytest.raises(ValueError, match="at least one checkpoint"):
-        evaluate.main([])
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         evaluate.main(["--ckpt", str(tmp_path / "nothing"), "--out_dir", str(tmp_path / "ev")])
     model = Transformer(ModelConfig(vocab_size=576, n_layer=1, n_head=2, n_embd=32, block_size=64))

@@ -4,6 +4,7 @@ autocast step trains, and the engine runs in the dtype it is given."""
 import pytest
 import torch
 
+from nanofm import common
 from nanofm.common import ConfigError, resolve_dtype
 from nanofm.engine import Engine, SamplingParams
 from nanofm.model import ModelConfig, Transformer
@@ -49,8 +50,20 @@ def test_bf16_autocast_training_step_on_cpu():
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast keeps fp32 master weights
 
 
-def test_dtype_choice():
-    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("auto", "cuda:0") == torch.bfloat16
+def test_dtype_choice(monkeypatch, tmp_path):
+    assert resolve_dtype("auto", "cuda:0") == torch.bfloat16 and resolve_dtype("auto", "mps") == torch.float32
+    assert resolve_dtype("auto", "cpu") == torch.float32  # conftest pins NANOFM_CPU_DTYPE=float32
+    monkeypatch.delenv("NANOFM_CPU_DTYPE")
+    # auto on a CPU follows its flags: AMX or AVX-512 BF16 -> bf16, an older CPU -> fp32
+    for flags, expected in (("fpu sse avx2 avx512f avx512_bf16", torch.bfloat16), ("fpu amx_tile amx_bf16", torch.bfloat16),
+                            ("fpu sse avx2 avx512f avx512_vnni", torch.float32)):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(common, "CPUINFO", cpuinfo)
+        assert resolve_dtype("auto", "cpu") == expected, flags
+    monkeypatch.setenv("NANOFM_CPU_DTYPE", "float16")
+    with pytest.raises(ConfigError, match="NANOFM_CPU_DTYPE"):
+        resolve_dtype("auto", "cpu")
     assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
     with pytest.raises(ConfigError, match="gradient scaler"):
         resolve_dtype("float16", "cuda")

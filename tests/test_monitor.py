@@ -399,3 +399,14 @@ def test_retrain_after_input_drift_pretrains_then_restores_the_chat_format(chat_
     serving_data = json.loads((resolve(chat_model) / "meta.json").read_text())["data_dir"]
     assert meta["data_dir"] == serving_data == decision["gate"]["data_dir"]  # the gate and SFT: the old corpus's tasks
     assert "adapted" in json.dumps(meta["lineage"]) and resolve(serving) == Path(decision["promoted"])  # SFT on the pretrained
+
+
+def test_help_lists_the_commands_and_a_wrong_command_is_named():
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    shown = subprocess.run([sys.executable, "monitor.py", "--help"], cwd=root, capture_output=True, text=True)
+    assert shown.returncode == 0 and not shown.stderr
+    assert all(f"python monitor.py {name}" in shown.stdout for name in ("report", "check", "export", "retrain", "simulate"))
+    wrong = subprocess.run([sys.executable, "monitor.py", "chek"], cwd=root, capture_output=True, text=True)
+    assert wrong.returncode == 1 and "unknown command 'chek'; did you mean check?" in wrong.stderr

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanofm.tokenizer import (SPECIAL_TOKENS, Tokenizer, TokenizerError, count_chunks, encode_reference,
-                              gpt2_tokenizer, merges_to_ranks, train_bpe)
+from nanofm.tokenizer import (GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, TokenizerError, count_chunks,
+                              encode_reference, gpt2_tokenizer, merges_to_ranks, train_bpe)
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 20,
@@ -118,12 +118,21 @@ def test_same_compression_as_rustbpe():
     rustbpe = pytest.importorskip("rustbpe")
     ours = Tokenizer.from_merges(train_bpe(CORPUS, vocab_size=512 + len(SPECIAL_TOKENS), progress=False))
     theirs = rustbpe.Tokenizer()
-    theirs.train_from_iterator(iter(CORPUS), 512)
+    theirs.train_from_iterator(iter(CORPUS), 512, pattern=SPLIT_PATTERN)
     n_ours = sum(len(ours.encode(t)) for t in CORPUS)
     n_theirs = sum(len(theirs.encode(t)) for t in CORPUS)
     assert abs(n_ours - n_theirs) / n_theirs < 0.02, (n_ours, n_theirs)
 
 
-def test_count_chunks_uses_the_gpt4_split():
+def test_count_chunks_uses_the_gpt4_split_with_single_digits():
     counts = count_chunks(["Hello world's 12345 end!!\n"])
-    assert list(counts) == ["Hello", " world", "'s", " ", "123", "45", " end", "!!\n"]
+    assert list(counts) == ["Hello", " world", "'s", " ", "1", "2", "3", "4", "5", " end", "!!\n"]
+    assert list(count_chunks(["12345"], GPT4_SPLIT_PATTERN)) == ["123", "45"]  # GPT-4's own: up to 3 digits
+
+
+def test_a_trained_bpe_never_merges_digits():
+    text = ["in 1999 and 2024 we paid 1,250 for 33 books; 1999 again and 1999."] * 30
+    tok = Tokenizer.from_merges(train_bpe(text, vocab_size=300 + len(SPECIAL_TOKENS), progress=False))
+    assert [tok.decode([i]) for i in tok.encode("1999 + 20245")][:4] == ["1", "9", "9", "9"]
+    assert all(not any(c.isdigit() for c in tok.decode([i])) or len(tok.decode([i])) == 1
+               for i in tok.encode(text[0])), "a token holds more than one digit"
