@@ -58,6 +58,8 @@ class PretrainConfig(TrainConfig):
     n_layer: Optional[int] = None  # Transformer blocks
     n_head: Optional[int] = None  # attention heads
     n_embd: Optional[int] = None  # width
+    n_kv_head: Optional[int] = None  # key/value heads (grouped-query attention; = n_head for none)
+    tie_embeddings: Optional[bool] = None  # share the input embedding and the output head
     block_size: Optional[int] = None  # context length
     dropout: Optional[float] = None  # dropout probability
 
@@ -73,7 +75,7 @@ class PretrainConfig(TrainConfig):
             raise ConfigError("--replay_ratio needs --replay_dir (the old data to replay)")
         if self.seq_len < 0:
             raise ConfigError(f"--seq_len must be >= 0 (0 = the model's context), got {self.seq_len}")
-        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+        for name in ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
@@ -103,8 +105,8 @@ def ensure_data(cfg: PretrainConfig, master: bool) -> None:
 
 def build_model(cfg: PretrainConfig, tokenizer: Tokenizer, device_type: str) -> tuple[Transformer, dict | None, str | None]:
     """(model, meta of the checkpoint it starts from or None, that checkpoint's path or None)"""
-    overrides = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                     dropout=cfg.dropout)
+    overrides = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd,
+                     block_size=cfg.block_size, tie_embeddings=cfg.tie_embeddings, dropout=cfg.dropout)
     if cfg.init_from == "scratch":
         preset = cfg.preset if cfg.preset != "auto" else ("gpt2" if device_type == "cuda" else "tiny")
         if cfg.objective == "mlm":

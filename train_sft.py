@@ -81,6 +81,7 @@ class SFTConfig(TrainConfig):
     lora_alpha: float = 16.0  # adapter scale alpha / rank
     lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_targets: list[str] = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))  # layer names the adapters go on
+    lora_modules_to_save: list[str] = field(default_factory=list)  # modules trained in full beside the adapters and saved with them (PEFT's modules_to_save), e.g. transformer.wte
     lora_merge: bool = False  # save merged weights (a plain checkpoint) instead of the adapters alone
     # the loop's defaults, for fine-tuning (None: the task's, TASK_DEFAULTS below)
     max_iters: Optional[int] = None  # optimizer steps (chat 3000: about 8.5 minutes on 2 CPU cores, copying appears after ~1500; classify 2000)
@@ -111,13 +112,14 @@ class SFTConfig(TrainConfig):
         if self.lora_rank < 0:
             raise ConfigError(f"--lora_rank must be >= 0 (0 = full fine-tuning), got {self.lora_rank}")
         if self.lora_rank:
-            lora.LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)  # validates
+            lora_config(self)  # validates
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
 
 
 def lora_config(cfg: SFTConfig) -> lora.LoRAConfig | None:
-    return lora.LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) if cfg.lora_rank else None
+    return lora.LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
+                           cfg.lora_modules_to_save) if cfg.lora_rank else None
 
 
 def load_start(cfg: SFTConfig) -> tuple[Transformer, Tokenizer, dict, str, Path | None]:
@@ -293,7 +295,8 @@ def main(argv=None) -> dict:
     if adapters and cfg.lora_merge:
         keep = partial(lora.merged_state_dict, cfg=lora.LoRAConfig(**adapters["config"]))
     elif adapters:
-        keep = partial(lora.adapter_state_dict, also=("cls_head.",))
+        saved = lora.saved_modules(models.raw, lora.LoRAConfig(**adapters["config"]))
+        keep = partial(lora.adapter_state_dict, also=("cls_head.", *(name + "." for name in saved)))
     meta = make_meta(stage="sft", objective=cfg.task, model=models.raw.cfg, config=config_to_dict(cfg),
                      tokenizer=tokenizer.name, data_dir=data_dir, parent=parent, parent_meta=parent_meta,
                      chat_format=chat.CHAT_FORMAT if cfg.task == "chat" else None,

@@ -20,6 +20,9 @@ Design decisions:
 - An adapter checkpoint holds only lora_A/lora_B, and its meta.json's `adapters` names the base
   checkpoint and a fingerprint of the base weights (sha256 of their bytes), so loading it onto
   another base is refused (nanofm/checkpoint.py).
+- modules_to_save (PEFT's name) trains whole modules beside the adapters, typically the input
+  embeddings: a task learnt mostly in the words' embeddings (sentiment) is out of reach of adapters
+  on the blocks' linears. They are saved with the adapters, so the checkpoint grows by their size.
 - merge() folds the adapters into the weights (W + scale B A) and returns plain nn.Linear layers:
   the merged model is a normal checkpoint, with outputs equal to the unmerged one's (tested).
 """
@@ -45,6 +48,9 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    # modules trained in full beside the adapters and saved with them (PEFT's modules_to_save), e.g.
+    # "transformer.wte" (the input embeddings: what sentiment needs most) or "lm_head"
+    modules_to_save: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if self.rank < 1:
@@ -90,9 +96,23 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(path) if path else model), leaf
 
 
+def saved_modules(model: nn.Module, cfg: LoRAConfig) -> list[str]:
+    """The full names of the modules that cfg.modules_to_save names (by suffix, like the targets)."""
+    names = [name for name, _ in model.named_modules() if name]
+    found = []
+    for wanted in cfg.modules_to_save:
+        hits = [n for n in names if n == wanted or n.endswith("." + wanted)]
+        if not hits:
+            tops = sorted({n for n in names if n.count(".") <= 1 and ".h" not in n and not n.endswith(".h")})
+            raise ConfigError(f"--lora_modules_to_save {wanted!r} matches no module; modules of this model include: "
+                              f"{', '.join(tops[:10])}")
+        found += [n for n in hits if not any(n.startswith(f + ".") for f in found) and n not in found]
+    return found
+
+
 def apply(model: nn.Module, cfg: LoRAConfig) -> list[str]:
-    """Wrap every nn.Linear whose name ends with a target; freeze everything else. Returns the
-    adapted layers' names."""
+    """Wrap every nn.Linear whose name ends with a target; freeze everything else but the modules to
+    save (trained in full). Returns the adapted layers' names."""
     chosen = [name for name, module in model.named_modules()
               if type(module) is nn.Linear and any(name == t or name.endswith("." + t) for t in cfg.targets)]
     unmatched = [t for t in cfg.targets if not any(n == t or n.endswith("." + t) for n in chosen)]
@@ -102,6 +122,9 @@ def apply(model: nn.Module, cfg: LoRAConfig) -> list[str]:
                           f"{', '.join(linears[:8])}")
     for p in model.parameters():
         p.requires_grad_(False)
+    for name in saved_modules(model, cfg):
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
     for name in chosen:
         parent, leaf = _parent(model, name)
         setattr(parent, leaf, LoRALinear(getattr(parent, leaf), cfg))
@@ -116,7 +139,9 @@ def adapter_state_dict(model: nn.Module | dict, also: tuple[str, ...] = ()) -> d
     """The adapters alone (and the weights whose names start with `also`, e.g. a new head), from a
     model or from its state dict."""
     state = model.state_dict() if isinstance(model, nn.Module) else model
-    return {k: v.detach().cpu() for k, v in state.items() if is_adapter(k) or k.startswith(also)}
+    kept = {k for k in state if is_adapter(k) or k.startswith(also)}
+    shared = {state[k].data_ptr() for k in kept if not is_adapter(k)}  # a tied lm_head goes with its embeddings
+    return {k: v.detach().cpu() for k, v in state.items() if k in kept or v.data_ptr() in shared}
 
 
 def merge(model: nn.Module) -> nn.Module:

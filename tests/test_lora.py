@@ -83,3 +83,29 @@ def test_bad_targets_and_settings():
     for bad in (dict(rank=0), dict(alpha=0), dict(dropout=1.0), dict(targets=[])):
         with pytest.raises(ConfigError):
             lora.LoRAConfig(**bad)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_modules_to_save_train_in_full_and_travel_with_the_adapters(tmp_path, tied):
+    base = model(tie_embeddings=tied)
+    base_ckpt = save_checkpoint(tmp_path / "base", 0, base, {"model": base.cfg.to_dict()})
+    adapted = model(tie_embeddings=tied)
+    config = lora.LoRAConfig(rank=2, targets=["attn.c_proj"], modules_to_save=["wte"])
+    assert lora.saved_modules(adapted, config) == ["transformer.wte"]
+    lora.apply(adapted, config)
+    trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    assert "transformer.wte.weight" in trainable and not any(".mlp." in n or "ln_f" in n for n in trainable)
+    x = torch.randint(0, 64, (2, 8))
+    _, loss = adapted(x[:, :-1], x[:, 1:])
+    loss.backward()
+    torch.optim.SGD([p for p in adapted.parameters() if p.requires_grad], lr=0.5).step()  # embeddings and adapters move
+    assert not torch.equal(adapted.transformer.wte.weight, base.transformer.wte.weight)
+    expected = adapted(x)[0]
+    adapters = {"config": config.to_dict(), "base": str(base_ckpt), "base_fingerprint": lora.fingerprint(base.state_dict())}
+    meta = make_meta(stage="sft", model=adapted.cfg, config={}, tokenizer="t", adapters=adapters, parent=str(base_ckpt))
+    saved = lora.adapter_state_dict(adapted, also=("transformer.wte.",))
+    assert "transformer.wte.weight" in saved and ("lm_head.weight" in saved) == tied  # a tied head goes along
+    loaded, _ = load_model(save_checkpoint(tmp_path / "sft", 1, saved, meta))
+    assert torch.allclose(loaded(x)[0], expected, atol=1e-5)  # the trained embeddings, not the base's
+    with pytest.raises(ConfigError, match="'embeddings' matches no module"):
+        lora.apply(model(), lora.LoRAConfig(modules_to_save=["embeddings"]))
