@@ -28,10 +28,10 @@ from nanofm.checkpoint import CheckpointError, load_for_training, make_meta  # n
 from nanofm.common import ConfigError, run_cli  # noqa: E402
 from nanofm.config import config_to_dict, parse_config  # noqa: E402
 from nanofm.data import (MixedLoader, ShardError, TokenLoader, check_token_ids, mask_tokens, read_header,  # noqa: E402
-                         shard_paths, unigram_entropy)
+                         copy_rows, shard_paths, unigram_entropy)
 from nanofm.engine import Engine, SamplingParams  # noqa: E402
 from nanofm.model import ModelConfig, Transformer, padded_vocab  # noqa: E402
-from nanofm.tasks import induction_task  # noqa: E402
+from nanofm.tasks import TaskError, induction_task, val_docs  # noqa: E402
 from nanofm.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 from nanofm.train import (Run, TrainConfig, evaluate_nll, setup, teardown, token_byte_lengths, train,  # noqa: E402
                           wrap_model)
@@ -51,6 +51,9 @@ class PretrainConfig(TrainConfig):
     # CPU budget 15% ends above the unigram entropy (7.40 vs 7.25 nats); 40% learns to use context
     # (masked loss 6.64 vs 7.15 on prose under eval.py's fixed 15% masks)
     mask_prob: float = 0.4
+    # clm: share of training rows replaced by random tokens repeated (the induction task): copying
+    # them trains induction heads, which natural text alone does not grow at a CPU budget (README)
+    copy_rows: float = 0.0
     replay_dir: str = ""  # continued pretraining: old data (same tokenizer) mixed into every batch
     replay_ratio: float = 0.0  # share of each batch's rows taken from --replay_dir, in [0, 1)
     eval_dirs: list[str] = field(default_factory=list)  # more data dirs whose val split is evaluated too (old domains)
@@ -69,6 +72,8 @@ class PretrainConfig(TrainConfig):
             raise ConfigError(f"--objective must be clm or mlm, got {self.objective!r}")
         if not 0 < self.mask_prob < 1:
             raise ConfigError(f"--mask_prob must be between 0 and 1, got {self.mask_prob}")
+        if not 0 <= self.copy_rows < 1:
+            raise ConfigError(f"--copy_rows must be in [0, 1), got {self.copy_rows}")
         if not 0 <= self.replay_ratio < 1:
             raise ConfigError(f"--replay_ratio must be in [0, 1), got {self.replay_ratio}")
         if self.replay_ratio > 0 and not self.replay_dir:
@@ -145,6 +150,10 @@ class LanguageModeling:
     def __init__(self, cfg: PretrainConfig, ctx, tokenizer: Tokenizer, raw_model: Transformer, seq_len: int):
         self.cfg, self.ctx, self.tokenizer, self.seq_len = cfg, ctx, tokenizer, seq_len
         self.raw_model, self.model_cfg = raw_model, raw_model.cfg  # the plain model (not compiled or DDP) for probes
+        try:  # validation documents for the text copying score
+            self.val_documents = val_docs(cfg.data_dir) if raw_model.cfg.causal else []
+        except TaskError:  # shards without curated.jsonl (made elsewhere): the random-token score alone
+            self.val_documents = []
         self.specials = sorted(tokenizer.special_tokens.values())
         self.token_bytes = token_byte_lengths(tokenizer, ctx.device)
         extra = dict.fromkeys(([cfg.replay_dir] if cfg.replay_dir else []) + list(cfg.eval_dirs))
@@ -168,6 +177,9 @@ class LanguageModeling:
 
     def loss(self, model, batch, step):
         x, y = self._inputs(batch, step)
+        if self.cfg.objective == "clm" and self.cfg.copy_rows > 0:  # training rows only: validation is plain text
+            generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 101 + self.ctx.rank + 7)
+            x, y = copy_rows(x, y, self.cfg.copy_rows, min(self.specials), generator)
         _, loss = model(x, y)
         return loss, (y != -100).sum(), {}
 
@@ -187,7 +199,10 @@ class LanguageModeling:
         # the copying score (eval.py's induction task): its jump is the induction-head phase change. FSDP: every
         # rank runs the forward
         if self.model_cfg.causal and (self.ctx.master or self.ctx.fsdp):
-            results["induction_score"] = induction_task(self.raw_model, self.tokenizer)["copying_score"]
+            copying = induction_task(self.raw_model, self.tokenizer, docs=self.val_documents)
+            results["induction_score"] = copying["copying_score"]  # random tokens repeated
+            if "text_copying_score" in copying:  # spans of validation text repeated
+                results["text_induction_score"] = copying["text_copying_score"]
             self.raw_model.train()
         return results
 

@@ -227,6 +227,28 @@ def mask_tokens(x, vocab_size: int, mask_id: int, special_ids: list[int], prob: 
     return inputs, targets
 
 
+def copy_rows(x, y, prob: float, n_ordinary: int, generator=None):
+    """The induction task as pretraining data (Olsson et al. 2022's repeated random tokens): with
+    probability `prob` a row is replaced by a random sequence of ordinary tokens (ids below
+    `n_ordinary`, the first special token) of 8 to 64 tokens, repeated until the row is full. After
+    its first pass every token is predictable by looking back and copying, which is what trains
+    induction heads; natural text, even with spans of it quoted again in the row, did not grow them
+    within a CPU budget (README, stages 3-4). Each row draws its own length and tokens, so nothing
+    but matching the content predicts the repeat.
+    (x, y) are the rows' inputs and next-token targets; returns new ones of the same shape."""
+    import torch
+
+    window = torch.cat([x, y[:, -1:]], dim=1).clone()  # the T + 1 tokens each row was cut from
+    n = window.shape[1]
+    picks = torch.rand(x.shape[0], generator=generator) < prob
+    lengths = torch.randint(8, 65, (x.shape[0],), generator=generator)
+    tokens = torch.randint(0, n_ordinary, (x.shape[0], 64), generator=generator)
+    for row in picks.nonzero().flatten().tolist():
+        length = int(lengths[row])
+        window[row] = tokens[row, :length].repeat(-(-n // length))[:n].to(window.device)
+    return window[:, :-1], window[:, 1:]
+
+
 def pad_batch(rows, value: int = 0, left: bool = False):
     """(ids [B, T], mask [B, T]) from token lists of unequal length, padded with `value` on the
     right (scoring, classifying) or on the left (generation: every prompt ends at the last column)."""

@@ -143,7 +143,11 @@ def _generation(s: Subject, cfg: Settings, done: dict) -> dict:
 
 
 def _induction(s: Subject, cfg: Settings, done: dict) -> dict:
-    return tasks.induction_task(s.model, s.tokenizer, seed=cfg.seed)
+    try:
+        docs = s.docs(cfg)
+    except tasks.TaskError:  # no validation documents at hand: the random-token score alone
+        docs = []
+    return tasks.induction_task(s.model, s.tokenizer, seed=cfg.seed, docs=docs)
 
 
 def data_seed(s: Subject, cfg: Settings) -> int:
@@ -301,7 +305,8 @@ def headline(task: str, result: dict) -> dict[str, float]:
                 **{f"exact_match[{f}]": v for f, v in result["exact_match"].items()},
                 **({"chat_bleu": result["chat_bleu"], "chat_rougeL": result["chat_rougeL"]} if "chat_bleu" in result else {})}
     if task == "induction":
-        return {k: result[k] for k in ("first_copy_loss", "second_copy_loss", "copying_score", "second_copy_accuracy")}
+        return {k: result[k] for k in ("first_copy_loss", "second_copy_loss", "copying_score", "second_copy_accuracy",
+                                       "text_copying_score", "text_second_copy_accuracy") if k in result}
     if task == "robustness":
         return {**{f"drop[{k}]": v["drop"] for k, v in result.items()},
                 **{f"changed[{k}]": v["changed"] for k, v in result.items() if "changed" in v}}

@@ -303,19 +303,42 @@ def lambada_task(engine: Engine, items: Sequence[dict]) -> dict:
 # ------------------------------------------------------------------ in-context copying
 
 @torch.no_grad()
-def induction_task(model, tokenizer: Tokenizer, n: int = 64, length: int = 32, seed: int = 0) -> dict:
+def induction_task(model, tokenizer: Tokenizer, n: int = 64, length: int = 32, seed: int = 0,
+                   docs: Sequence[dict] = ()) -> dict:
     """Can the model copy from its context? Random ordinary tokens, then the same tokens again
     (Olsson et al. 2022): nothing predicts the first copy, while a model with induction heads
     predicts the second almost perfectly. Reports the loss (nats per token) on each copy, their
     difference (the copying score; 0 = no copying) and the top-1 accuracy on the second copy.
-    The first token of each copy is left out (a copy's start is not predictable)."""
+    The first token of each copy is left out (a copy's start is not predictable).
+    With `docs` (validation documents), the same for spans of real text repeated (`text_*`): the
+    first copy is then partly predictable, and the score says how much copying adds. Pretraining
+    can put random repeats in its data (train_pretrain.py --copy_rows), so the text score is the one
+    that shows the skill carries over to language."""
     length = min(length, (model.cfg.block_size - 1) // 2)
     ordinary = [i for i in range(tokenizer.vocab_size) if i not in set(tokenizer.special_tokens.values())]
     if length < 4 or len(ordinary) < length:
         raise TaskError(f"the induction task needs a context of at least 9 tokens and {length} ordinary tokens")
     g = torch.Generator().manual_seed(seed)
     pool = torch.tensor(ordinary)
-    rows = pool[torch.stack([torch.randperm(len(ordinary), generator=g)[:length] for _ in range(n)])]
+    result = _copy_scores(model, tokenizer, pool[torch.stack([torch.randperm(len(ordinary), generator=g)[:length]
+                                                               for _ in range(n)])])
+    spans = []
+    rng = random.Random(seed)
+    for doc in rng.sample(list(docs), len(docs)):  # one span per document, as many documents as it takes
+        ids = tokenizer.encode(doc["text"])
+        if len(ids) >= length:
+            start = rng.randrange(len(ids) - length + 1)
+            spans.append(ids[start:start + length])
+        if len(spans) == n:
+            break
+    if spans:
+        text = _copy_scores(model, tokenizer, torch.tensor(spans))
+        result.update({f"text_{k}": v for k, v in text.items()})
+    return {**result, "sequences": n, "length": length}
+
+
+def _copy_scores(model, tokenizer: Tokenizer, rows: torch.Tensor) -> dict:
+    n, length = rows.shape
     device = next(model.parameters()).device
     x = torch.cat([torch.full((n, 1), tokenizer.bos_id), rows, rows], dim=1).to(device)
     model.eval()
@@ -325,7 +348,7 @@ def induction_task(model, tokenizer: Tokenizer, n: int = 64, length: int = 32, s
     first_loss, second_loss = -logp[:, first].mean().item(), -logp[:, second].mean().item()
     hits = logits[:, second, :tokenizer.vocab_size].argmax(-1) == x[:, 1:][:, second]
     return {"first_copy_loss": first_loss, "second_copy_loss": second_loss, "copying_score": first_loss - second_loss,
-            "second_copy_accuracy": hits.float().mean().item(), "sequences": n, "length": length}
+            "second_copy_accuracy": hits.float().mean().item()}
 
 
 # ------------------------------------------------------------------ generation

@@ -82,6 +82,7 @@ class TrainConfig:
     decay_ratio: float = 0.2  # wsd: share of the steps spent decaying
     weight_decay: float = 0.1  # AdamW weight decay (matrices only)
     embedding_lr_mult: float = 15.0  # lr multiplier for untied input embeddings (each row is updated rarely)
+    tied_embedding_lr_mult: float = 1.0  # lr multiplier for tied embeddings (input and output head in one matrix)
     optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)
     muon_lr: float = 0.02  # Muon's peak learning rate
     muon_momentum: float = 0.95  # Muon's momentum
@@ -119,7 +120,8 @@ class TrainConfig:
                      "checkpoint_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "muon_lr", "embedding_lr_mult", "decay_ratio"):
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "muon_lr", "embedding_lr_mult",
+                     "tied_embedding_lr_mult", "decay_ratio"):
             if not getattr(self, name) >= 0 or math.isinf(getattr(self, name)):  # also refuses nan
                 raise ConfigError(f"--{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.warmup_iters < 0 or self.sample_tokens < 0 or self.keep_checkpoints < 0:
@@ -250,24 +252,28 @@ def wrap_model(model: torch.nn.Module, cfg: TrainConfig, ctx: Context) -> Models
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, ctx: Context):
     """AdamW groups: matrices (weight decay), vectors such as biases and norm gains (no decay),
-    and untied input embeddings (no decay, lr x embedding_lr_mult: a token's row only gets a
-    gradient when the token occurs, so it needs larger steps to keep up). With --optimizer=muon
+    and the input embeddings (no decay, lr x embedding_lr_mult when untied, x tied_embedding_lr_mult
+    when they are also the output head: a token's row only gets a gradient when the token occurs,
+    so it needs larger steps to keep up). With --optimizer=muon
     the Transformer blocks' weight matrices go to Muon instead (nanofm/optim.py). Frozen
     parameters (requires_grad False) are left out. Every group carries base_lr, its peak
     learning rate, which the schedule scales."""
     embedding = getattr(getattr(model, "transformer", None), "wte", None)
     head = getattr(model, "lm_head", None)
-    untied = embedding is not None and embedding.weight.requires_grad and (head is None or head.weight is not embedding.weight)
+    trained = embedding is not None and embedding.weight.requires_grad
+    untied = trained and (head is None or head.weight is not embedding.weight)
+    mult = cfg.embedding_lr_mult if untied else cfg.tied_embedding_lr_mult
+    own_group = trained and mult != 1.0
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     muon = [p for n, p in named if cfg.optimizer == "muon" and p.dim() == 2 and ".h." in f".{n}"]
-    taken = {id(p) for p in muon} | ({id(embedding.weight)} if untied else set())
+    taken = {id(p) for p in muon} | ({id(embedding.weight)} if own_group else set())
     params = [p for _, p in named if id(p) not in taken]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "base_lr": cfg.lr},
     ]
-    if untied:
-        groups.append({"params": [embedding.weight], "weight_decay": 0.0, "base_lr": cfg.lr * cfg.embedding_lr_mult})
+    if own_group:
+        groups.append({"params": [embedding.weight], "weight_decay": 0.0, "base_lr": cfg.lr * mult})
     adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                               fused=ctx.device_type == "cuda")
     if not muon:

@@ -119,3 +119,24 @@ def test_unigram_entropy(tmp_path):
     data.write_shard(tmp_path / "train_000001.bin", np.array([3, 3, 3, 3], dtype=np.uint16), 1)
     # p = (1/4, 1/4, 1/2): H = 1.5 ln 2
     assert data.unigram_entropy(tmp_path) == pytest.approx(1.5 * math.log(2))
+
+
+def test_copy_rows_repeat_random_ordinary_tokens():
+    from nanofm.data import copy_rows
+    window = torch.arange(64 * 257).view(64, 257) % 50_000 + 100_000  # text: ids no copy row can draw
+    x, y = window[:, :-1], window[:, 1:]
+    same_x, same_y = copy_rows(x, y, 0.0, 500, torch.Generator().manual_seed(0))
+    assert torch.equal(same_x, x) and torch.equal(same_y, y)
+    new_x, new_y = copy_rows(x, y, 0.5, 500, torch.Generator().manual_seed(0))
+    again_x, _ = copy_rows(x, y, 0.5, 500, torch.Generator().manual_seed(0))
+    assert torch.equal(new_x, again_x) and torch.equal(new_x[:, 1:], new_y[:, :-1])  # seeded; y is still x shifted
+    rows = torch.cat([new_x, new_y[:, -1:]], 1)
+    copied = [r for r, orig in zip(rows.tolist(), window.tolist()) if r != orig]
+    assert 20 <= len(copied) <= 44  # about half
+    periods = set()
+    for row in copied:
+        assert max(row) < 500  # ordinary tokens only (below the first special id)
+        period = next(p for p in range(8, 65) if row[p:] == row[:-p])  # the row is one sequence, repeated
+        assert len(set(row[:period])) > period // 2  # of random tokens
+        periods.add(period)
+    assert len(periods) > 8  # each row its own length

@@ -404,4 +404,9 @@ def test_induction_task_scores_copying_from_context(data_dir):
     assert blind["copying_score"] == pytest.approx(0, abs=1e-5) and blind["second_copy_accuracy"] < 0.05
     model = small_lm(tok)  # a real (untrained) model: no copying to speak of
     real = tasks.induction_task(model, tok, n=8, length=16)
-    assert abs(real["copying_score"]) < 0.5 and real["length"] == 16
+    assert abs(real["copying_score"]) < 0.5 and real["length"] == 16 and "text_copying_score" not in real
+    docs = tasks.val_docs(data_dir)  # spans of real text, repeated: the copier gets those exactly too
+    text = tasks.induction_task(_Copier(tok.vocab_size, 16), tok, n=8, length=16, docs=docs)
+    assert text["text_second_copy_accuracy"] == 1.0 and text["text_copying_score"] == pytest.approx(math.log(tok.vocab_size), rel=1e-4)
+    blind_text = tasks.induction_task(_Copier(tok.vocab_size, 16, certain=False), tok, n=8, length=16, docs=docs)
+    assert blind_text["text_copying_score"] == pytest.approx(0, abs=1e-5)

@@ -74,6 +74,10 @@ def test_weight_decay_only_on_matrices():
     decay, no_decay, embedding = make_optimizer(untied, cfg, ctx).param_groups
     assert embedding["params"] == [untied.transformer.wte.weight] and embedding["base_lr"] == 15.0 * cfg.lr
     assert embedding["weight_decay"] == 0.0 and any(p is untied.lm_head.weight for p in decay["params"])
+    tied_cfg = TrainConfig(tied_embedding_lr_mult=5.0)  # tied: the one matrix gets its own group when asked
+    decay, no_decay, embedding = make_optimizer(model, tied_cfg, ctx).param_groups
+    assert embedding["params"] == [model.transformer.wte.weight] and embedding["base_lr"] == 5.0 * cfg.lr
+    assert not any(p is model.lm_head.weight for p in decay["params"])
 
 
 def test_clm_run_learns_and_saves(data_dir, tmp_path):
