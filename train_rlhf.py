@@ -63,12 +63,12 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from nanofm import chat, instructions, preferences, rlhf, tasks  # noqa: E402
+from nanofm import chat, instructions, preferences, rewards, rlhf, tasks  # noqa: E402
 from nanofm.checkpoint import CheckpointError, load_for_training, load_model, make_meta, read_meta, resolve  # noqa: E402
 from nanofm.common import ConfigError, run_cli  # noqa: E402
 from nanofm.config import config_to_dict, fill_unset, parse_config  # noqa: E402
 from nanofm.data import PreferenceLoader, RowLoader  # noqa: E402
-from nanofm.engine import Engine  # noqa: E402
+from nanofm.engine import Engine, SamplingParams  # noqa: E402
 from nanofm.model import Transformer, token_logprobs  # noqa: E402
 from nanofm.tokenizer import Tokenizer  # noqa: E402
 from nanofm.train import Run, TrainConfig, plot_metrics, setup, teardown, train, wrap_model  # noqa: E402
@@ -101,6 +101,8 @@ class RLHFConfig(TrainConfig):
     sft_coef: float = 1.0  # DPO: + this x the chosen replies' NLL per token (RPO, Pang et al. 2024); 0 = plain DPO
     # PPO and GRPO: roll out, score, then ppo_epochs passes over the rollout in minibatches of batch_size questions
     reward_model: str = ""  # ppo: a reward model (--algo=rm's out_dir) scores replies; "" = exact answers
+    prompts: str = ""  # ppo, grpo: your prompts instead of the built-in questions (JSONL: prompt or messages, optional answer)
+    reward: str = ""  # ppo, grpo: your reward function, module:function or file.py:function, f(prompt, reply, item) -> float
     group_size: int = 8  # grpo: replies per question (their mean and std make the baseline)
     temperature: float = 1.0  # sampling temperature of the rollouts
     max_new_tokens: int = 32  # longest sampled reply
@@ -149,9 +151,12 @@ class RLHFConfig(TrainConfig):
                 (self.max_new_tokens < 1, f"--max_new_tokens must be >= 1, got {self.max_new_tokens}"),
                 (self.ppo_epochs < 1 or self.minibatches < 1, "--ppo_epochs and --minibatches must be >= 1"),
                 (self.reward_model and self.algo != "ppo", "--reward_model scores PPO's replies; GRPO uses exact answers"),
+                (self.reward_model and self.reward, "give --reward_model or --reward, not both"),
             ) if bad]
             if problems:
                 raise ConfigError("; ".join(problems))
+        if (self.prompts or self.reward) and self.algo not in ("ppo", "grpo"):
+            raise ConfigError(f"--prompts and --reward are for --algo=ppo or grpo (rewarded sampling), not {self.algo}")
         if self.val_pairs < 1 or self.seq_len < 8:
             raise ConfigError("--val_pairs must be >= 1 and --seq_len >= 8")
         if self.dropout is not None and not 0 <= self.dropout < 1:
@@ -476,7 +481,13 @@ class PolicyGradient:
         results = {}
         if self.questions and self.ctx.master:
             engine = Engine(raw, self.tokenizer, device=self.ctx.device, dtype=self.ctx.dtype)
-            results["val_exact_match"] = tasks.instruction_task(engine, self.questions, self.chat_format)["mean_exact_match"]
+            if self.questions[0]["family"] != rewards.FAMILY:
+                results["val_exact_match"] = tasks.instruction_task(engine, self.questions, self.chat_format)["mean_exact_match"]
+            elif all(q["answer"] is not None for q in self.questions):  # the user's prompts, where they give answers
+                prompts = [chat.render_prompt(self.tokenizer, q["messages"][:-1]) for q in self.questions]
+                outs = engine.generate(prompts, SamplingParams(max_tokens=self.cfg.max_new_tokens, temperature=0))
+                results["val_exact_match"] = sum(instructions.exact_match(o.text.strip(), q["answer"])
+                                                 for o, q in zip(outs, self.questions)) / len(outs)
             items = [q for q in self.questions for _ in range(VAL_SAMPLES)]
             outs, x, _, attention = self.rollouts.sample(self.questions, self.cfg.temperature, self.cfg.seed, VAL_SAMPLES)
             results["val_reward"] = self.rollouts.reward(items, [o.text for o in outs], x, attention).mean().item()
@@ -503,12 +514,25 @@ def main(argv=None) -> dict:
         if cfg.algo == "ppo" and resume_from is None:
             model = model.with_value_head()  # the critic: a scalar head on the policy's body
         model = model.to(ctx.device)
-        # exact answers reward only the checkable families; a reward model scores any prompt (chat included)
-        families = tuple(cfg.families) if cfg.reward_model else checkable
-        if not families:
-            raise ConfigError("--families has no checkable family for exact-answer rewards; add one or pass --reward_model")
-        questions = instructions.builtin(data_dir, "train", per_family=cfg.per_family, seed=cfg.seed, families=families)
-        held_questions = instructions.builtin(data_dir, "val", per_family=cfg.val_pairs, seed=cfg.seed, families=checkable)
+        if cfg.prompts:  # the user's prompts: a tenth (at least one) held out, drawn with the seed
+            questions = rewards.read_prompts(cfg.prompts)
+            if len(questions) < 2:
+                raise ConfigError(f"{cfg.prompts} holds {len(questions)} prompt; give at least 2 (a tenth is held out)")
+            if not cfg.reward and any(q["answer"] is None for q in questions):
+                missing = next(q["where"] for q in questions if q["answer"] is None)
+                raise ConfigError(f"{missing} has no 'answer', and without --reward the reward is exact match against it; "
+                                  f"add answers or pass --reward module:function")
+            import random
+            random.Random(cfg.seed).shuffle(questions)
+            held = max(1, len(questions) // 10)
+            questions, held_questions = questions[held:], questions[:held]
+        else:
+            # exact answers reward only the checkable families; a reward model or function scores any prompt
+            families = tuple(cfg.families) if cfg.reward_model or cfg.reward else checkable
+            if not families:
+                raise ConfigError("--families has no checkable family for exact-answer rewards; add one or pass --reward_model")
+            questions = instructions.builtin(data_dir, "train", per_family=cfg.per_family, seed=cfg.seed, families=families)
+            held_questions = instructions.builtin(data_dir, "val", per_family=cfg.val_pairs, seed=cfg.seed, families=checkable)
         room = min(cfg.seq_len, model.cfg.block_size) - cfg.max_new_tokens  # a prompt must leave room for the reply
 
         def fitting(items):
@@ -517,7 +541,8 @@ def main(argv=None) -> dict:
         dropped -= len(questions)
         if not questions:
             raise ConfigError(f"no question leaves room for --max_new_tokens={cfg.max_new_tokens} in --seq_len={cfg.seq_len}")
-        reward = LearnedReward(cfg.reward_model, tokenizer, ctx) if cfg.reward_model else ExactAnswer()
+        reward = (rewards.UserReward(cfg.reward) if cfg.reward else LearnedReward(cfg.reward_model, tokenizer, ctx)
+                  if cfg.reward_model else ExactAnswer())
         # the frozen starting point (on resume: the run's recorded reference): the KL is always measured
         reference_model, _, _ = load_for_training(reference, tokenizer)
         reference_model = reference_model.to(ctx.device).eval().requires_grad_(False)
@@ -550,10 +575,12 @@ def main(argv=None) -> dict:
     models = wrap_model(model, cfg, ctx)
     reward_source = None
     if cfg.algo in ("ppo", "grpo"):
-        reward_source = str(resolve(cfg.reward_model)) if cfg.reward_model else "exact_match"
+        reward_source = (f"function:{cfg.reward}" if cfg.reward else str(resolve(cfg.reward_model)) if cfg.reward_model
+                         else "exact_match")
     meta = make_meta(stage="rlhf", objective="reward_model" if cfg.algo == "rm" else cfg.algo, model=models.raw.cfg,
                      config=config_to_dict(cfg), tokenizer=tokenizer.name, data_dir=data_dir, parent=parent,
-                     parent_meta=parent_meta, algorithm=cfg.algo, reference=reference, data=cfg.data or ["builtin"],
+                     parent_meta=parent_meta, algorithm=cfg.algo, reference=reference,
+                     data=cfg.data or ([cfg.prompts] if cfg.prompts else ["builtin"]),
                      labels=["score"] if cfg.algo == "rm" else None, reward=reward_source)
     if ctx.master:
         what = f"questions ({dropped} left out: too long)" if cfg.algo in ("ppo", "grpo") else (f"pairs ({train_loader.truncated} replies cut to {cfg.seq_len} "

@@ -402,3 +402,49 @@ def test_a_tiny_run_raises_the_programmatic_reward(domain_model, tmp_path, algo)
     assert held[-1]["val_reward"] > held[0]["val_reward"]  # on held-out questions too
     if algo == "ppo":
         assert 0 < records[-1]["kl"] < 5  # it moved from the reference, and the KL penalty keeps it near
+
+
+def test_users_own_prompts_and_reward_function(domain_model, tmp_path):
+    """GRPO on a task the test makes: the built-in domain questions as a prompts file, and a reward
+    file that pays for naming the item's own target ("code"), whatever the snippet is."""
+    from nanofm import checkpoint
+    data_dir = checkpoint.read_meta(domain_model)["data_dir"]
+    questions = instructions.builtin(data_dir, "train", per_family=40, seed=0, families=("domain",))
+    prompts = tmp_path / "tasks.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q["messages"][-2]["content"], "target": "code"}) + "\n"
+                               for q in questions))
+    (tmp_path / "my_reward.py").write_text("def score(prompt, reply, item):\n"
+                                           "    assert isinstance(prompt, str) and prompt\n"
+                                           "    return float(item['target'] in reply)\n")
+    common = ["--algo=grpo", "--init_from", domain_model, "--prompts", prompts, "--max_new_tokens=6", "--group_size=8",
+              "--batch_size=4", "--lr=3e-3", "--log_interval=1", "--seq_len=96", "--eval_interval=100"]
+    result = rlhf_run(*common, "--reward", f"{tmp_path / 'my_reward.py'}:score", "--max_iters=60", "--out_dir", tmp_path / "g")
+    rewards = [r["reward"] for r in read_records(tmp_path / "g") if "train_loss" in r]
+    assert sum(rewards[-15:]) / 15 > sum(rewards[:15]) / 15 + 0.2, rewards  # it learns to say "code"
+    assert result["val_reward"] > 0.5 and "val_exact_match" not in result  # held-out prompts have no answers
+    meta = checkpoint.read_meta(tmp_path / "g")
+    assert meta["reward"].startswith("function:") and meta["data"] == [str(prompts)]
+
+    def fails(reward_source, match, **row):
+        bad = tmp_path / "bad.py"
+        bad.write_text(reward_source)
+        file = prompts if not row else tmp_path / "rows.jsonl"
+        if row:
+            file.write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(Exception, match=match):
+            rlhf_run(*[a if a != prompts else file for a in common], "--reward", f"{bad}:score", "--max_iters=1",
+                     "--out_dir", tmp_path / "bad_run")
+    fails("def score(prompt, reply, item):\n    return {}['missing']\n", r"raised KeyError: 'missing' \(on .*tasks.jsonl line \d+")
+    fails("def score(prompt, reply, item):\n    return 'good'\n", r"returned 'good' on .*line \d+: a reward must be a finite number")
+    fails("def score(prompt, reply, item):\n    return float('nan')\n", "returned nan")
+    fails("import not_a_module_anywhere\n", "failed to load: ModuleNotFoundError")
+    fails("def other(prompt, reply, item):\n    return 1.0\n", "has no function 'score'; its functions: other")
+    fails("def score(prompt, reply, item):\n    return 1\n", "must end with a non-empty user turn",
+          messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
+    with pytest.raises(Exception, match="cannot import 'no_such_module_xyz'"):
+        rlhf_run(*common, "--reward", "no_such_module_xyz:score", "--max_iters=1", "--out_dir", tmp_path / "bad_run")
+    with pytest.raises(Exception, match="has no 'answer', and without --reward"):
+        rlhf_run(*common, "--max_iters=1", "--out_dir", tmp_path / "bad_run")
+    with pytest.raises(Exception, match="--prompts and --reward are for --algo=ppo or grpo"):
+        rlhf_run("--algo=dpo", "--prompts", prompts)
+    assert not (tmp_path / "bad_run").exists() or not list((tmp_path / "bad_run").glob("ckpt_*"))
