@@ -104,6 +104,8 @@ class RLHFConfig(TrainConfig):
     prompts: str = ""  # ppo, grpo: your prompts instead of the built-in questions (JSONL: prompt or messages, optional answer)
     reward: str = ""  # ppo, grpo: your reward function, module:function or file.py:function, f(prompt, reply, item) -> float
     group_size: int = 8  # grpo: replies per question (their mean and std make the baseline)
+    partial_credit: float = 0.0  # ppo, grpo exact answers: a wrong word-list reply earns this x its share of words in place
+    skip_equal_groups: bool = True  # grpo: leave out of the loss the groups whose replies all got one reward (DAPO's filter)
     temperature: float = 1.0  # sampling temperature of the rollouts
     max_new_tokens: int = 32  # longest sampled reply
     ppo_epochs: Optional[int] = None  # passes over each rollout (ppo 4, grpo 2)
@@ -152,6 +154,7 @@ class RLHFConfig(TrainConfig):
                 (self.ppo_epochs < 1 or self.minibatches < 1, "--ppo_epochs and --minibatches must be >= 1"),
                 (self.reward_model and self.algo != "ppo", "--reward_model scores PPO's replies; GRPO uses exact answers"),
                 (self.reward_model and self.reward, "give --reward_model or --reward, not both"),
+                (not 0 <= self.partial_credit < 1, f"--partial_credit must be in [0, 1) (an exact answer earns 1), got {self.partial_credit}"),
             ) if bad]
             if problems:
                 raise ConfigError("; ".join(problems))
@@ -302,11 +305,21 @@ class RewardModel:
 
 
 class ExactAnswer:
-    """The programmatic reward of the verifiable families: 1 for an exact answer, else 0."""
+    """The programmatic reward of the verifiable families: 1 for an exact answer, else 0, or with
+    `partial` > 0 that times the share of words in the right place (instructions.partial_credit) for
+    the families whose answer is a list of words: a reply with one word out of place then beats one
+    with none right, where exact match gives both 0 and the group no signal."""
+
+    def __init__(self, partial: float = 0.0):
+        self.partial = partial
 
     def __call__(self, items: list[dict], replies: list[str], x, attention) -> torch.Tensor:
-        return torch.tensor([float(instructions.exact_match(reply, item["messages"][-1]["content"]))
-                             for item, reply in zip(items, replies)])
+        scores = []
+        for item, reply in zip(items, replies):
+            answer = item["messages"][-1]["content"]
+            exact = instructions.exact_match(reply, answer)
+            scores.append(1.0 if exact else self.partial * instructions.partial_credit(item["family"], reply, answer))
+        return torch.tensor(scores)
 
 
 class LearnedReward:
@@ -422,13 +435,22 @@ class Rollouts(RowLoader):
             advantages, returns = rlhf.gae(rewards, values.float() * mask, mask, gamma=1.0, lam=cfg.gae_lambda)
             advantages = rlhf.whiten(advantages, mask)
         else:
-            advantages = rlhf.group_advantages(scores.view(-1, self.samples)).view(-1, 1) * mask
+            groups = scores.view(-1, self.samples)
+            advantages = rlhf.group_advantages(groups).view(-1, 1) * mask
             returns = torch.zeros_like(mask)
+            # a group whose replies all scored alike has zero advantage everywhere: it teaches nothing but
+            # would still count in the per-token mean (and the KL term). DAPO drops such groups; DAPO also
+            # samples more to refill the batch, which we do not: a rollout just has fewer rows that count
+            informative = (groups.max(-1).values > groups.min(-1).values).repeat_interleave(self.samples)
+            if cfg.skip_equal_groups:
+                mask = mask * informative.to(mask.dtype)[:, None]
         buffer = {"x": x, "y": y, "mask": mask, "old_logp": logp * mask, "ref_logp": ref_logp * mask,
                   "values": values.float() * mask, "advantages": advantages, "returns": returns}
-        lengths = mask.sum(1)
+        lengths = (y != -100).float().sum(1)  # every sampled reply, counted or not in the loss
         stats = {"reward": scores.mean().item(), "kl": kl.sum(1).mean().item(), "response_length": lengths.mean().item(),
                  "stopped": sum(o.finish_reason == "stop" for o in outs) / len(outs)}
+        if cfg.algo == "grpo":
+            stats["informative_groups"] = informative.float().mean().item()
         return {k: v.cpu() for k, v in buffer.items()}, stats
 
 
@@ -542,7 +564,7 @@ def main(argv=None) -> dict:
         if not questions:
             raise ConfigError(f"no question leaves room for --max_new_tokens={cfg.max_new_tokens} in --seq_len={cfg.seq_len}")
         reward = (rewards.UserReward(cfg.reward) if cfg.reward else LearnedReward(cfg.reward_model, tokenizer, ctx)
-                  if cfg.reward_model else ExactAnswer())
+                  if cfg.reward_model else ExactAnswer(cfg.partial_credit))
         # the frozen starting point (on resume: the run's recorded reference): the KL is always measured
         reference_model, _, _ = load_for_training(reference, tokenizer)
         reference_model = reference_model.to(ctx.device).eval().requires_grad_(False)

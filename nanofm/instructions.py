@@ -359,3 +359,19 @@ def load_user_data(spec: str) -> list[dict]:
 
 def exact_match(prediction: str, answer: str) -> bool:
     return prediction.strip() == answer.strip()
+
+
+# families whose answer is a list of words, where a reply can be partly right
+WORD_LIST_FAMILIES = ("upper", "reverse", "sort", "first_sentence")
+
+
+def partial_credit(family: str, prediction: str, answer: str) -> float:
+    """How right a reply is, in [0, 1]: 1 for an exact answer; for the word-list families, the share
+    of the answer's words that the reply has in the right place (over the longer of the two, so
+    extra words cost too); 0 otherwise (a sum or a count is right or wrong)."""
+    if exact_match(prediction, answer):
+        return 1.0
+    if family not in WORD_LIST_FAMILIES:
+        return 0.0
+    got, want = prediction.split(), answer.split()
+    return sum(a == b for a, b in zip(got, want)) / max(len(got), len(want), 1)

@@ -448,3 +448,35 @@ def test_users_own_prompts_and_reward_function(domain_model, tmp_path):
     with pytest.raises(Exception, match="--prompts and --reward are for --algo=ppo or grpo"):
         rlhf_run("--algo=dpo", "--prompts", prompts)
     assert not (tmp_path / "bad_run").exists() or not list((tmp_path / "bad_run").glob("ckpt_*"))
+
+
+def test_partial_credit_counts_words_in_place_and_exact_answers_win():
+    assert instructions.partial_credit("reverse", "c b a", "c b a") == 1.0
+    assert instructions.partial_credit("reverse", "c a b", "c b a") == pytest.approx(1 / 3)
+    assert instructions.partial_credit("sort", "a b c d", "a b c") == pytest.approx(3 / 4)  # an extra word costs
+    assert instructions.partial_credit("upper", "", "A B") == 0.0
+    assert instructions.partial_credit("arithmetic", "57", "58") == 0.0  # a sum is right or wrong
+    import train_rlhf
+    reward = train_rlhf.ExactAnswer(partial=0.5)
+    items = [{"family": "reverse", "messages": instructions.conversation("Reverse the word order: a b c", "c b a")}] * 3
+    assert reward(items, ["c b a", "c a b", "x y z"], None, None).tolist() == pytest.approx([1.0, 0.5 / 3, 0.0])
+    assert train_rlhf.ExactAnswer()(items, ["c b a", "c a b"], None, None).tolist() == [1.0, 0.0]  # off by default
+
+
+def test_grpo_leaves_groups_with_one_reward_out_of_the_loss(domain_model, tmp_path):
+    """Every reply gets the same reward: no group carries a signal, so no token counts and nothing moves."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say something about {w}."}) + "\n" for w in ["rain", "sun", "snow"] * 4))
+    (tmp_path / "flat.py").write_text("def reward(prompt, reply, item):\n    return 0.5\n")
+    args = ["--algo=grpo", "--init_from", domain_model, "--prompts", prompts, "--reward", tmp_path / "flat.py",
+            "--group_size=4", "--batch_size=2", "--minibatches=1", "--ppo_epochs=1", "--max_new_tokens=4", "--max_iters=2",
+            "--log_interval=1", "--seq_len=96", "--eval_interval=100", "--lr=1e-2"]
+    rlhf_run(*args, "--out_dir", tmp_path / "skip")
+    records = [r for r in read_records(tmp_path / "skip") if "train_loss" in r]
+    assert all(r["informative_groups"] == 0.0 and r["train_loss"] == 0.0 for r in records)
+    assert records[-1]["tokens_seen"] == 0  # no reply token counted in the loss
+    rlhf_run(*args, "--skip_equal_groups=false", "--out_dir", tmp_path / "keep")
+    assert [r for r in read_records(tmp_path / "keep") if "train_loss" in r][-1]["tokens_seen"] > 0
+    from nanofm.checkpoint import load_model
+    before, after = load_model(domain_model)[0].state_dict(), load_model(tmp_path / "skip")[0].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # zero loss, zero gradient: unchanged weights
