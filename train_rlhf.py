@@ -63,7 +63,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from nanofm import chat, instructions, preferences, rewards, rlhf, tasks  # noqa: E402
+from nanofm import chat, instructions, metrics, preferences, rewards, rlhf, tasks  # noqa: E402
 from nanofm.checkpoint import CheckpointError, load_for_training, load_model, make_meta, read_meta, resolve  # noqa: E402
 from nanofm.common import ConfigError, run_cli  # noqa: E402
 from nanofm.config import config_to_dict, fill_unset, parse_config  # noqa: E402
@@ -512,7 +512,12 @@ class PolicyGradient:
                                                  for o, q in zip(outs, self.questions)) / len(outs)
             items = [q for q in self.questions for _ in range(VAL_SAMPLES)]
             outs, x, _, attention = self.rollouts.sample(self.questions, self.cfg.temperature, self.cfg.seed, VAL_SAMPLES)
-            results["val_reward"] = self.rollouts.reward(items, [o.text for o in outs], x, attention).mean().item()
+            scores = self.rollouts.reward(items, [o.text for o in outs], x, attention)
+            results["val_reward"] = scores.mean().item()
+            if isinstance(self.rollouts.reward, ExactAnswer):  # pass@k: is one of k sampled replies exactly right?
+                right = (scores.view(-1, VAL_SAMPLES) >= 1.0).sum(1).tolist()
+                for k in (1, VAL_SAMPLES):
+                    results[f"val_pass@{k}"] = sum(metrics.pass_at_k(VAL_SAMPLES, c, k) for c in right) / len(right)
             raw.train()
         return results
 

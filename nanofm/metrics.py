@@ -327,6 +327,20 @@ def exact_match(predictions: Sequence[str], references: Sequence[str | Sequence[
     return hits / len(predictions)
 
 
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """The chance that at least one of k replies, drawn without replacement from n sampled replies
+    of which `correct` are right, is right: 1 - C(n - c, k) / C(n, k), the unbiased estimator of
+    Chen et al. 2021 (Codex), as a running product so large n does not overflow."""
+    if not 0 <= correct <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= correct <= n and 1 <= k <= n, got n={n}, correct={correct}, k={k}")
+    if n - correct < k:
+        return 1.0
+    miss = 1.0
+    for i in range(n - correct + 1, n + 1):
+        miss *= 1.0 - k / i
+    return 1.0 - miss
+
+
 def roc_auc(y_true: Sequence, scores: Sequence[float]) -> float:
     """Area under the ROC curve for labels 0/1: the chance that a random positive scores above a
     random negative (ties count half), from the ranks (Mann-Whitney U)."""

@@ -171,3 +171,16 @@ def test_sliding_window_nll_equals_token_by_token():
     assert per_doc[1] == pytest.approx(float(full), abs=1e-4)
     assert metrics.perplexity(total, count) == pytest.approx(math.exp(total / count))
     assert metrics.bits_per_byte(math.log(2) * 10, 5) == pytest.approx(2.0)
+
+
+def test_pass_at_k_is_the_chance_that_one_of_k_drawn_replies_is_right():
+    import itertools
+    for n, correct, k in [(4, 0, 1), (4, 1, 1), (4, 1, 4), (5, 2, 2), (10, 3, 4), (8, 8, 3), (6, 1, 6)]:
+        replies = [True] * correct + [False] * (n - correct)
+        draws = list(itertools.combinations(range(n), k))  # every way to draw k of the n replies
+        brute = sum(any(replies[i] for i in draw) for draw in draws) / len(draws)
+        assert metrics.pass_at_k(n, correct, k) == pytest.approx(brute), (n, correct, k)
+    assert metrics.pass_at_k(4, 1, 1) == pytest.approx(0.25) and metrics.pass_at_k(200, 10, 100) == pytest.approx(
+        1 - math.comb(190, 100) / math.comb(200, 100))
+    with pytest.raises(ValueError):
+        metrics.pass_at_k(4, 5, 1)

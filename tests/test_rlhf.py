@@ -400,6 +400,8 @@ def test_a_tiny_run_raises_the_programmatic_reward(domain_model, tmp_path, algo)
     assert sum(rewards[-20:]) / 20 > sum(rewards[:20]) / 20 + 0.2  # measured: ppo 0.15 -> 0.6, grpo 0.2 -> 0.8
     held = [r for r in read_records(tmp_path / algo) if "val_reward" in r]
     assert held[-1]["val_reward"] > held[0]["val_reward"]  # on held-out questions too
+    assert held[-1]["val_pass@1"] == pytest.approx(held[-1]["val_reward"])  # 0/1 rewards: pass@1 is the mean
+    assert all(r["val_pass@1"] <= r["val_pass@4"] <= 1 for r in held) and held[-1]["val_pass@4"] > held[0]["val_pass@1"]
     if algo == "ppo":
         assert 0 < records[-1]["kl"] < 5  # it moved from the reference, and the KL penalty keeps it near
 
