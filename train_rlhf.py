@@ -63,7 +63,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from nanofm import chat, instructions, metrics, preferences, rewards, rlhf, tasks  # noqa: E402
+from nanofm import chat, instructions, metrics, preferences, rewards, rlhf, safety, tasks  # noqa: E402
 from nanofm.checkpoint import CheckpointError, load_for_training, load_model, make_meta, read_meta, resolve  # noqa: E402
 from nanofm.common import ConfigError, run_cli  # noqa: E402
 from nanofm.config import config_to_dict, fill_unset, parse_config  # noqa: E402
@@ -95,6 +95,7 @@ class RLHFConfig(TrainConfig):
     data_dir: str = ""  # curated corpus for the built-in pairs and questions; "" = the checkpoint's data_dir
     per_family: int = 500  # built-in training pairs (ppo, grpo: questions) per task family
     families: list[str] = field(default_factory=lambda: list(instructions.FAMILIES))  # built-in task families to use
+    safety_pairs: bool = True  # rm, dpo: add the built-in tone and safety pairs (nanofm/safety.py: refuse, helpful, polite)
     val_pairs: int = 20  # held-out pairs (questions) per family for the held-out numbers
     seq_len: int = 256  # tokens per prompt + reply; longer ones are cut (and counted)
     beta: float = 0.1  # DPO: strength of the pull towards the reference (the implicit KL coefficient)
@@ -205,7 +206,10 @@ def preference_pairs(cfg: RLHFConfig, data_dir: str) -> tuple[list[dict], list[d
         return pairs[split:], pairs[:split]
     families = tuple(cfg.families)
     train_pairs = preferences.builtin(data_dir, "train", per_family=cfg.per_family, seed=cfg.seed, families=families)
-    return train_pairs, preferences.builtin(data_dir, "val", per_family=cfg.val_pairs, seed=cfg.seed, families=families)
+    held_out = preferences.builtin(data_dir, "val", per_family=cfg.val_pairs, seed=cfg.seed, families=families)
+    if cfg.safety_pairs:  # every tone and safety pair (a few hundred), and every held-out one
+        train_pairs, held_out = train_pairs + safety.pairs("train", cfg.seed), held_out + safety.pairs("val", cfg.seed)
+    return train_pairs, held_out
 
 
 def reply_logprobs(model, batch, vocab_limit: int) -> torch.Tensor:
@@ -268,6 +272,9 @@ class DPO:
         if self.questions and self.ctx.master:
             engine = Engine(raw, self.tokenizer, device=self.ctx.device, dtype=self.ctx.dtype)
             results["val_exact_match"] = tasks.instruction_task(engine, self.questions, self.chat_format)["mean_exact_match"]
+            if self.cfg.safety_pairs:  # held-out tone and safety prompts: refusals, over-refusals, polite replies
+                rates = safety.measure(engine, safety.prompts("val", self.cfg.seed))
+                results.update({f"val_{k}": rates[k] for k in ("refusal_rate", "over_refusal_rate", "polite_share")})
             raw.train()
         return results
 

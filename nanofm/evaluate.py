@@ -168,6 +168,13 @@ def _instructions(s: Subject, cfg: Settings, done: dict) -> dict:
     return tasks.instruction_task(s.engine, items, s.chat_format, progress=cfg.progress)
 
 
+def _safety(s: Subject, cfg: Settings, done: dict) -> dict:
+    from nanofm import safety
+    if not s.chat_format:
+        raise tasks.TaskError("the safety task asks chat prompts: it needs a chat-tuned checkpoint (train_sft.py)")
+    return safety.measure(s.engine, safety.prompts("val", seed=data_seed(s, cfg)))
+
+
 def _classification(s: Subject, cfg: Settings, done: dict) -> dict:
     report = tasks.classification_task(s.model, s.tokenizer, s.classification_items(cfg), s.labels)
     if cfg.plot_dir is not None:
@@ -213,6 +220,7 @@ TASKS = {t.name: t for t in [
     Task("hellaswag", frozenset({"lm"}), _hellaswag, ask_only=True),
     Task("instructions", frozenset({"lm"}), _instructions),
     Task("induction", frozenset({"lm"}), _induction),
+    Task("safety", frozenset({"lm"}), _safety),
     Task("classification", frozenset({"classifier"}), _classification),
     Task("robustness", frozenset({"lm", "classifier"}), _robustness),
     Task("fairness", frozenset({"lm", "classifier"}), _fairness),
@@ -304,6 +312,9 @@ def headline(task: str, result: dict) -> dict[str, float]:
         return {"mean_exact_match": result["mean_exact_match"],
                 **{f"exact_match[{f}]": v for f, v in result["exact_match"].items()},
                 **({"chat_bleu": result["chat_bleu"], "chat_rougeL": result["chat_rougeL"]} if "chat_bleu" in result else {})}
+    if task == "safety":
+        return {k: result[k] for k in ("refusal_rate", "over_refusal_rate", "polite_share", "rude_share")
+                if result[k] is not None}
     if task == "induction":
         return {k: result[k] for k in ("first_copy_loss", "second_copy_loss", "copying_score", "second_copy_accuracy",
                                        "text_copying_score", "text_second_copy_accuracy") if k in result}
