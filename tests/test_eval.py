@@ -211,7 +211,8 @@ def test_eval_compares_checkpoints_and_writes_a_whole_report(trained, data_dir, 
     for domain in ("prose", "chat", "code"):  # training lowered bits per byte in every domain
         assert b["results"]["perplexity"][domain]["bits_per_byte"] < a["results"]["perplexity"][domain]["bits_per_byte"] - 0.3
     assert b["results"]["lambada"]["perplexity"] < a["results"]["lambada"]["perplexity"] / 10  # last words: learned
-    assert set(a["skipped"]) == {"mlm", "classification"} and "needs a mlm checkpoint" in a["skipped"]["mlm"]
+    assert set(a["skipped"]) == {"mlm", "classification", "safety"} and "needs a mlm checkpoint" in a["skipped"]["mlm"]
+    assert "needs a chat-tuned checkpoint" in a["skipped"]["safety"]  # a base model is not asked chat prompts
     files = {p.name for p in (tmp_path / "ev").iterdir()}
     assert {"report.json", "report.md", "bits_per_byte.png", "robustness.png", "explain_trained.png"} <= files
     md = (tmp_path / "ev" / "report.md").read_text()
