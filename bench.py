@@ -240,20 +240,28 @@ def measure_training(cfg, batch: int, device: str, dtype, compile_model: bool, s
 
 def bench_train(argv) -> dict:
     """Training steps: ours against Hugging Face's GPT2LMHeadModel at the same shape, same weights and
-    same optimizer, in this run (CPU fp32; on CUDA bf16, eager and compiled, and our kernels)."""
+    same optimizer, in this run (CPU fp32, and bf16 where the CPU has the units; on CUDA bf16, eager and compiled, and our kernels)."""
     cfg = parse_config(TrainBenchConfig, argv)
     import torch
 
+    from nanofm.common import cpu_has_bf16_units
     from nanofm.model import ModelConfig
 
     cpu_gpt2 = ModelConfig.preset("gpt2", n_layer=cfg.peer_layers, n_head=cfg.peer_width // 64,
                                   n_embd=cfg.peer_width, block_size=cfg.peer_context, vocab_size=cfg.cpu_vocab)
+    tiny = ModelConfig.preset(cfg.cpu_preset, vocab_size=cfg.cpu_vocab)
     runs = [  # name, config, batch, device, dtype, compiled, kernels, peer
-        (f"{cfg.cpu_preset} cpu fp32 eager", ModelConfig.preset(cfg.cpu_preset, vocab_size=cfg.cpu_vocab), cfg.cpu_batch,
-         "cpu", None, False, False, False),
+        (f"{cfg.cpu_preset} cpu fp32 eager", tiny, cfg.cpu_batch, "cpu", None, False, False, False),
         ("gpt2 layout (tiny's size) cpu fp32: nanofm", cpu_gpt2, cfg.cpu_batch, "cpu", None, False, False, False),
         ("gpt2 layout (tiny's size) cpu fp32: HF GPT2LMHeadModel", cpu_gpt2, cfg.cpu_batch, "cpu", None, False, False, True),
     ]
+    if cpu_has_bf16_units():  # bf16 autocast where the CPU has the units (AMX or AVX-512 BF16): what --dtype=auto picks
+        runs += [
+            (f"{cfg.cpu_preset} cpu bf16 eager", tiny, cfg.cpu_batch, "cpu", torch.bfloat16, False, False, False),
+            ("gpt2 layout (tiny's size) cpu bf16: nanofm", cpu_gpt2, cfg.cpu_batch, "cpu", torch.bfloat16, False, False, False),
+            ("gpt2 layout (tiny's size) cpu bf16: HF GPT2LMHeadModel", cpu_gpt2, cfg.cpu_batch, "cpu", torch.bfloat16, False,
+             False, True),
+        ]
     if torch.cuda.is_available():  # eager, the compiled baseline (nanoGPT's setup), compiled + our kernels, and HF
         gpu = ModelConfig.preset(cfg.gpu_preset)
         runs = [(f"{cfg.gpu_preset} cuda bf16 eager: nanofm", gpu, cfg.gpu_batch, "cuda", torch.bfloat16, False, False, False),
@@ -269,6 +277,12 @@ def bench_train(argv) -> dict:
         rows.append((name, f"{batch} x {r['seq']}", f"{r['ms_per_step']:.1f} ms", f"{r['tokens_per_s']:,.0f}",
                      f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a",
                      f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] else "n/a"))
+    for fp32, bf16 in [(f"{cfg.cpu_preset} cpu fp32 eager", f"{cfg.cpu_preset} cpu bf16 eager"),
+                       ("gpt2 layout (tiny's size) cpu fp32: nanofm", "gpt2 layout (tiny's size) cpu bf16: nanofm")]:
+        if bf16 in results:
+            ratio = results[bf16]["tokens_per_s"] / results[fp32]["tokens_per_s"]
+            results[f"bf16 / fp32, {bf16.split(' cpu')[0]}"] = ratio
+            rows.append((f"bf16 / fp32, {bf16.split(' cpu')[0]}", "", "", f"{ratio:.2f}x", "", ""))
     for ours in [n for n in results if n.endswith(": nanofm") and "kernels" not in n]:
         theirs = ours.replace(": nanofm", ": HF GPT2LMHeadModel")
         if theirs in results:
