@@ -67,6 +67,22 @@ def check_messages(messages) -> None:
             raise ChatError(f"message {i}: a system message may only come first")
 
 
+def as_prompt(prompt) -> list[dict]:
+    """A prompt as chat messages that end with a user turn (a string is one user turn), for
+    preference pairs and RL prompts alike; ChatError if it is empty, malformed, has an empty
+    message or does not end with the user."""
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise ChatError("the prompt is empty (give a string or a list of chat messages)")
+    check_messages(prompt)
+    if any(not m["content"].strip() for m in prompt):
+        raise ChatError("the prompt has an empty message")
+    if prompt[-1]["role"] != "user":
+        raise ChatError("the prompt must end with a user turn (the replies answer it)")
+    return prompt
+
+
 def render(tokenizer, messages, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
     """(ids, mask) of a conversation; mask is 1 on the assistant's content and its <|end|>."""
     check_messages(messages)

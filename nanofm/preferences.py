@@ -95,18 +95,10 @@ def builtin(data_dir: str | Path, split: str = "train", per_family: int = 500, s
 def check_pair(pair: dict, where: str) -> dict:
     """The pair in nanofm's shape, or an error naming `where`."""
     prompt, chosen, rejected = pair.get("prompt"), pair.get("chosen"), pair.get("rejected")
-    if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    if not isinstance(prompt, list) or not prompt:
-        raise PreferenceError(f"{where}: the prompt is empty (give a string or a list of chat messages)")
     try:
-        chat.check_messages(prompt)
+        prompt = chat.as_prompt(prompt)
     except chat.ChatError as exc:
         raise PreferenceError(f"{where}: {exc}") from None
-    if any(not m["content"].strip() for m in prompt):
-        raise PreferenceError(f"{where}: the prompt has an empty message")
-    if prompt[-1]["role"] != "user":
-        raise PreferenceError(f"{where}: the prompt must end with a user turn (the replies answer it)")
     for name, text in (("chosen", chosen), ("rejected", rejected)):
         if not isinstance(text, str) or not text.strip():
             raise PreferenceError(f"{where}: '{name}' must be a non-empty reply")

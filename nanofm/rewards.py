@@ -50,17 +50,12 @@ def read_prompts(path: str | Path) -> list[dict]:
         where = f"{path} line {number}"
         if not isinstance(row, dict):
             raise RewardError(f"{where}: expected a JSON object with 'messages' or 'prompt', got {type(row).__name__}")
-        messages = row.get("messages", row.get("prompt"))
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        if not isinstance(messages, list) or not messages:
+        if "messages" not in row and "prompt" not in row:
             raise RewardError(f"{where}: give 'prompt' (a string) or 'messages' (chat messages ending with a user turn)")
         try:
-            chat.check_messages(messages)
+            messages = chat.as_prompt(row.get("messages", row.get("prompt")))
         except chat.ChatError as exc:
             raise RewardError(f"{where}: {exc}") from None
-        if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
-            raise RewardError(f"{where}: the prompt must end with a non-empty user turn")
         answer = row.get("answer")
         if answer is not None and not isinstance(answer, str):
             raise RewardError(f"{where}: 'answer' must be a string, got {type(answer).__name__}")

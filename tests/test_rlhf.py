@@ -286,7 +286,8 @@ def test_ddp_dpo_two_processes_equal_one_with_double_accumulation(chat_model, tm
 def test_grpo_rolls_out_scores_and_resumes_exactly(chat_model, tmp_path):
     from nanofm import checkpoint
     args = ["--algo=grpo", "--families=domain", "--group_size=4", "--batch_size=4", "--max_new_tokens=6", "--max_iters=4",
-            "--eval_interval=100", "--lr=1e-3", "--per_family=20", "--val_pairs=4", "--log_interval=1", "--temperature=1.5"]
+            "--eval_interval=100", "--lr=1e-3", "--per_family=20", "--val_pairs=4", "--log_interval=1", "--temperature=1.5",
+            "--skip_equal_groups=false"]  # this model is never right: every group would be left out of the loss
     rlhf_run("--init_from", chat_model, *args, "--out_dir", tmp_path / "straight")
     records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward" in r]
@@ -311,7 +312,8 @@ PPO_ARGS = ["--algo=ppo", "--families=domain", "--batch_size=4", "--minibatches=
 
 def test_ppo_first_minibatch_has_ratio_one_logs_its_stats_and_resumes_exactly(chat_model, tmp_path):
     from nanofm import checkpoint
-    rlhf_run("--init_from", chat_model, *PPO_ARGS, "--max_iters=8", "--out_dir", tmp_path / "straight")
+    # no KL early stop here, so every rollout is 4 steps and steps 0 and 4 are first minibatches (the stop has its own test)
+    rlhf_run("--init_from", chat_model, *PPO_ARGS, "--max_iters=8", "--target_kl=0", "--out_dir", tmp_path / "straight")
     steps = [r for r in read_records(tmp_path / "straight") if "train_loss" in r]
     assert len(steps) == 8
     for r in steps:
@@ -323,8 +325,9 @@ def test_ppo_first_minibatch_has_ratio_one_logs_its_stats_and_resumes_exactly(ch
         assert first["clip_fraction"] == 0
     assert steps[0]["kl"] == pytest.approx(0, abs=1e-6)  # the policy is the reference before its first update
     assert max(r["approx_kl"] for r in steps) > 0 and steps[4]["kl"] != 0  # ...and it moves
-    rlhf_run("--init_from", chat_model, *PPO_ARGS, "--max_iters=8", "--out_dir", tmp_path / "split", "--stop_step=2")
-    rlhf_run("--init_from=resume", *PPO_ARGS, "--max_iters=8", "--out_dir", tmp_path / "split")  # mid-rollout
+    rlhf_run("--init_from", chat_model, *PPO_ARGS, "--max_iters=8", "--target_kl=0", "--out_dir", tmp_path / "split",
+             "--stop_step=2")
+    rlhf_run("--init_from=resume", *PPO_ARGS, "--max_iters=8", "--target_kl=0", "--out_dir", tmp_path / "split")  # mid-rollout
     a = torch.load(checkpoint.resolve(tmp_path / "straight") / "model.pt", weights_only=True)
     b = torch.load(checkpoint.resolve(tmp_path / "split") / "model.pt", weights_only=True)
     assert "value_head.weight" in a and all(torch.equal(a[k], b[k]) for k in a)
@@ -393,7 +396,10 @@ def domain_model(base, tmp_path_factory):  # noqa: F811
 def test_a_tiny_run_raises_the_programmatic_reward(domain_model, tmp_path, algo):
     common = ["--families=domain", "--max_new_tokens=6", "--eval_interval=100", "--lr=3e-3", "--per_family=20",
               "--val_pairs=4", "--log_interval=1", "--seq_len=96", "--max_iters=80"]
-    args = {"ppo": ["--batch_size=8", "--minibatches=2", "--ppo_epochs=2"], "grpo": ["--group_size=8", "--batch_size=4"]}
+    # ppo without the KL early stop: on this model (the digit-split BPE's) it ended most rollouts after the first update,
+    # and 80 steps then took the reward from 0.26 to 0.34 only (0.31 -> 0.73 without it, held out 0.31 -> 0.88)
+    args = {"ppo": ["--batch_size=8", "--minibatches=2", "--ppo_epochs=2", "--target_kl=0"],
+            "grpo": ["--group_size=8", "--batch_size=4"]}
     rlhf_run(f"--algo={algo}", "--init_from", domain_model, *common, *args[algo], "--out_dir", tmp_path / algo)
     records = [r for r in read_records(tmp_path / algo) if "train_loss" in r]
     rewards = [r["reward"] for r in records]
@@ -441,7 +447,7 @@ def test_users_own_prompts_and_reward_function(domain_model, tmp_path):
     fails("def score(prompt, reply, item):\n    return float('nan')\n", "returned nan")
     fails("import not_a_module_anywhere\n", "failed to load: ModuleNotFoundError")
     fails("def other(prompt, reply, item):\n    return 1.0\n", "has no function 'score'; its functions: other")
-    fails("def score(prompt, reply, item):\n    return 1\n", "must end with a non-empty user turn",
+    fails("def score(prompt, reply, item):\n    return 1\n", "rows.jsonl line 1: the prompt must end with a user turn",
           messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
     with pytest.raises(Exception, match="cannot import 'no_such_module_xyz'"):
         rlhf_run(*common, "--reward", "no_such_module_xyz:score", "--max_iters=1", "--out_dir", tmp_path / "bad_run")
