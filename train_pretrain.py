@@ -51,9 +51,8 @@ class PretrainConfig(TrainConfig):
     # CPU budget 15% ends above the unigram entropy (7.40 vs 7.25 nats); 40% learns to use context
     # (masked loss 6.64 vs 7.15 on prose under eval.py's fixed 15% masks)
     mask_prob: float = 0.4
-    # clm: share of training rows replaced by random tokens repeated (the induction task): copying
-    # them trains induction heads, which natural text alone does not grow at a CPU budget (README)
-    copy_rows: float = 0.0
+    # copying random tokens trains induction heads, which natural text alone did not grow at a CPU budget (README)
+    copy_rows: float = 0.0  # clm: share of training rows replaced by random ordinary tokens repeated (the induction task)
     replay_dir: str = ""  # continued pretraining: old data (same tokenizer) mixed into every batch
     replay_ratio: float = 0.0  # share of each batch's rows taken from --replay_dir, in [0, 1)
     eval_dirs: list[str] = field(default_factory=list)  # more data dirs whose val split is evaluated too (old domains)

@@ -403,7 +403,7 @@ def test_a_tiny_run_raises_the_programmatic_reward(domain_model, tmp_path, algo)
     rlhf_run(f"--algo={algo}", "--init_from", domain_model, *common, *args[algo], "--out_dir", tmp_path / algo)
     records = [r for r in read_records(tmp_path / algo) if "train_loss" in r]
     rewards = [r["reward"] for r in records]
-    assert sum(rewards[-20:]) / 20 > sum(rewards[:20]) / 20 + 0.2  # measured: ppo 0.15 -> 0.6, grpo 0.2 -> 0.8
+    assert sum(rewards[-20:]) / 20 > sum(rewards[:20]) / 20 + 0.2  # measured: ppo 0.31 -> 0.73 (no KL stop)
     held = [r for r in read_records(tmp_path / algo) if "val_reward" in r]
     assert held[-1]["val_reward"] > held[0]["val_reward"]  # on held-out questions too
     assert held[-1]["val_pass@1"] == pytest.approx(held[-1]["val_reward"])  # 0/1 rewards: pass@1 is the mean
