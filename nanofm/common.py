@@ -110,8 +110,8 @@ CPUINFO = Path("/proc/cpuinfo")
 
 def cpu_has_bf16_units() -> bool:
     """Does this CPU multiply bf16 matrices in hardware (Intel AMX or AVX-512 BF16)? There oneDNN runs
-    bf16 matmuls several times faster than fp32: measured on a 2-core AMD EPYC with AVX-512 BF16, a
-    training step of the tiny model 1.4x; the issue's Intel CPU with AMX, 1.3x-1.45x end to end. Read
+    bf16 matmuls 2-4x faster than fp32: measured on a 2-core AMD EPYC with AVX-512 BF16, a training
+    step of the tiny model 1.5x (bench.py train); the issue's Intel CPU with AMX, 1.3x-1.45x. Read
     from the kernel's CPU flags, so it is Linux-only; elsewhere (macOS, Windows) the answer is no."""
     try:
         flags = CPUINFO.read_text(errors="replace")
