@@ -33,7 +33,8 @@ from nanofm.checkpoint import newest_run
 from nanofm.common import ConfigError, pick_device, run_cli
 from nanofm.config import closest, config_to_dict, parse_config
 from nanofm.engine import SamplingParams
-from nanofm.evaluate import TASKS, Settings, Subject, check_out_dir, plot_comparison, run_tasks, table, write_report
+from nanofm.evaluate import (TASKS, Settings, Subject, check_out_dir, paired, plot_comparison, run_tasks, table,
+                             write_report)
 
 
 @dataclass
@@ -124,6 +125,7 @@ def main(argv=None) -> dict | None:
                 "data_dir": cfg.data_dir or subject.meta.get("data_dir"), **outcome}
             report["plots"] += [r["figure"] for r in outcome["results"].values() if isinstance(r, dict) and "figure" in r]
         report["plots"] += plot_comparison(report, scratch)
+        report["paired"] = paired(report)
         report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
         rows = table(report)
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]

@@ -22,6 +22,9 @@ Design decisions:
 - Reports are written into a scratch directory and swapped in with one rename; only a directory
   that eval wrote (it holds the marker file .nanofm-eval) or an empty one may be replaced, so a
   mistyped --out_dir can never delete a user's folder.
+- With several checkpoints, later ones are compared with the first on the instruction questions
+  both answered: the difference in mean exact match and its standard error (paired()), since two
+  scores side by side cannot tell a gain of 0.03 from noise and a paired difference can.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from nanofm import tasks
+from nanofm import metrics, tasks
 from nanofm.checkpoint import CheckpointError, load_for_inference, resolve
 from nanofm.common import NanofmError
 from nanofm.engine import Engine
@@ -331,6 +334,26 @@ def headline(task: str, result: dict) -> dict[str, float]:
     return {}
 
 
+def paired(report: dict) -> dict[str, dict]:
+    """Each later checkpoint against the first on the instruction questions both answered: the
+    difference in mean exact match over families and its standard error (metrics.paired_difference),
+    the way a gain should be reported. Empty when fewer than two checkpoints ran the task."""
+    runs = [(name, entry["results"]["instructions"]["scored"]) for name, entry in report["checkpoints"].items()
+            if "scored" in entry["results"].get("instructions", {})]
+    if len(runs) < 2:
+        return {}
+    first_name, first = runs[0]
+    first_by_key = {(family, question): right for family, question, right in first}
+    out = {}
+    for name, scored in runs[1:]:
+        shared = [(family, first_by_key[(family, question)], right) for family, question, right in scored
+                  if (family, question) in first_by_key]
+        if shared:  # none shared: checkpoints split with different seeds
+            families, before, after = zip(*shared)
+            out[name] = {"against": first_name, **metrics.paired_difference(before, after, families)}
+    return out
+
+
 def fmt(value) -> str:
     if value is None:
         return "-"
@@ -355,6 +378,11 @@ def table(report: dict) -> list[list[str]]:
             result = entry["results"].get(task)
             row.append(fmt(headline(task, result).get(metric)) if result else entry["skipped"].get(task, "-"))
         rows.append(row)
+    gains = report.get("paired", {})
+    if gains:
+        against = next(iter(gains.values()))["against"]
+        rows.append(["instructions", f"mean_exact_match - {against} (paired, se)"] +
+                    [f"{gains[n]['difference']:+.3f} ({gains[n]['se']:.3f})" if n in gains else "-" for n in names])
     return rows
 
 

@@ -7,6 +7,7 @@
     corpus_bleu(hypotheses, [references])        # as sacrebleu.corpus_bleu: 13a, exp smoothing, 0-100
     rouge(target, prediction)                    # as rouge_score.RougeScorer: rouge1/2/L/Lsum P, R, F
     exact_match(predictions, references)         # SQuAD-style normalised string equality
+    paired_difference(before, after, groups)     # a gain on the same items, with its standard error
     sliding_window_nll(model, docs, stride=...)  # -> perplexity(...) and bits_per_byte(...)
 
 Design decisions:
@@ -339,6 +340,31 @@ def pass_at_k(n: int, correct: int, k: int) -> float:
     for i in range(n - correct + 1, n + 1):
         miss *= 1.0 - k / i
     return 1.0 - miss
+
+
+def paired_difference(before: Sequence[float], after: Sequence[float], groups: Sequence | None = None) -> dict:
+    """How much `after` beats `before` on the same items (per-item scores, e.g. 0/1 exact match),
+    with the standard error of that difference. Pairing removes the items' own difficulty from the
+    noise, so a gain far smaller than either score's own spread can still be told from chance.
+    With `groups` (an item's family), the difference is the mean over groups of each group's mean
+    difference (what a mean over families compares) and its standard error is
+    sqrt(sum_g var_g / n_g) / G (a stratified mean; var with n - 1, 0 for a group of one item)."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"a paired difference needs the same non-zero number of items, got {len(before)} and {len(after)}")
+    groups = list(groups) if groups is not None else [None] * len(before)
+    if len(groups) != len(before):
+        raise ValueError(f"{len(groups)} groups for {len(before)} items")
+    by_group: dict = {}
+    for g, a, b in zip(groups, before, after):
+        by_group.setdefault(g, []).append(b - a)
+    means, variances = [], []
+    for diffs in by_group.values():
+        m = sum(diffs) / len(diffs)
+        means.append(m)
+        var = sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1) if len(diffs) > 1 else 0.0
+        variances.append(var / len(diffs))
+    g = len(by_group)
+    return {"difference": sum(means) / g, "se": math.sqrt(sum(variances)) / g, "n": len(before), "groups": g}
 
 
 def roc_auc(y_true: Sequence, scores: Sequence[float]) -> float:

@@ -434,7 +434,11 @@ def instruction_task(engine: Engine, items: Sequence[dict], chat_format: str | N
     by_family: dict[str, list] = defaultdict(list)
     for item, out in zip(items, outs):
         by_family[item["family"]].append((out.text.strip(), item["messages"][-1]["content"]))
-    result = {"exact_match": {}, "n": {}, "examples": {}, "too_long": fits.count(False)}
+    # every checkable item's 0/1, so eval.py can pair two checkpoints on the same questions
+    scored = [[item["family"], "\n".join(m["content"] for m in item["messages"][:-1]),
+               int(instructions.exact_match(out.text.strip(), item["messages"][-1]["content"]))]
+              for item, out in zip(items, outs) if item["family"] in instructions.CHECKABLE]
+    result = {"exact_match": {}, "n": {}, "examples": {}, "too_long": fits.count(False), "scored": scored}
     for family, pairs in sorted(by_family.items()):
         result["n"][family] = len(pairs)
         result["examples"][family] = [{"prediction": p, "answer": a} for p, a in pairs[:2]]

@@ -377,6 +377,26 @@ def test_chat_tuned_checkpoints_are_asked_in_their_chat_format(data_dir):
     assert base["results"]["choice"]["n"] == out["results"]["choice"]["n"]
 
 
+def test_later_checkpoints_get_a_paired_difference_against_the_first():
+    """eval.py pairs each later checkpoint with the first on the questions both answered, per family,
+    and the table shows the difference with its standard error."""
+    from nanofm.evaluate import paired, table
+
+    def entry(scored):
+        return {"results": {"instructions": {"mean_exact_match": 0.0, "exact_match": {}, "scored": scored}}, "skipped": {}}
+    base = [["sort", "q1", 0], ["sort", "q2", 1], ["count", "q3", 0]]
+    tuned = [["sort", "q1", 1], ["sort", "q2", 1], ["count", "q3", 1], ["count", "only here", 1]]
+    report = {"checkpoints": {"sft": entry(base), "grpo": entry(tuned), "other": {"results": {}, "skipped": {}}}}
+    gains = paired(report)
+    assert list(gains) == ["grpo"] and gains["grpo"]["against"] == "sft"
+    # sort: +1, 0 -> 0.5; count: +1 -> the mean over families 0.75; the unshared question is left out
+    assert gains["grpo"]["difference"] == pytest.approx(0.75) and gains["grpo"]["n"] == 3
+    report["paired"] = gains
+    last = table(report)[-1]
+    assert last[1] == "mean_exact_match - sft (paired, se)" and last[2:] == ["-", f"+0.750 ({gains['grpo']['se']:.3f})", "-"]
+    assert paired({"checkpoints": {"sft": entry(base)}}) == {}
+
+
 class _Copier(torch.nn.Module):
     """An ideal induction head for sequences repeated with period `period`: at every position it
     predicts the token `period` back from the next one (certain), and knows nothing before."""

@@ -184,3 +184,22 @@ def test_pass_at_k_is_the_chance_that_one_of_k_drawn_replies_is_right():
         1 - math.comb(190, 100) / math.comb(200, 100))
     with pytest.raises(ValueError):
         metrics.pass_at_k(4, 5, 1)
+
+
+def test_paired_difference_and_its_standard_error_by_hand():
+    # d = after - before = [1, 0, 1, -1]: mean 0.25, sample variance (0.5625 + 0.0625 + 0.5625 + 1.5625) / 3
+    out = metrics.paired_difference([0, 1, 0, 1], [1, 1, 1, 0])
+    assert out["difference"] == pytest.approx(0.25) and out["n"] == 4
+    assert out["se"] == pytest.approx(math.sqrt((0.5625 + 0.0625 + 0.5625 + 1.5625) / 3 / 4))
+    # pairing: the same +1 on every item has no noise at all, however the items' scores spread
+    assert metrics.paired_difference([0, 5, 2], [1, 6, 3])["se"] == 0.0
+    # stratified: the mean of the groups' mean differences (a: +1 on 1 item, b: 0 and +1 -> 0.5) -> 0.75;
+    # se = sqrt(0 / 1 + var(b) / 2) / 2 with var(b) = 0.5
+    grouped = metrics.paired_difference([0, 0, 0], [1, 0, 1], groups=["a", "b", "b"])
+    assert grouped["difference"] == pytest.approx(0.75) and grouped["groups"] == 2
+    assert grouped["se"] == pytest.approx(math.sqrt(0.5 / 2) / 2)
+    for bad in (([], []), ([1], [1, 0])):
+        with pytest.raises(ValueError):
+            metrics.paired_difference(*bad)
+    with pytest.raises(ValueError, match="groups"):
+        metrics.paired_difference([1], [0], groups=["a", "b"])
