@@ -24,9 +24,25 @@ def test_builtin_pairs_prefer_the_checkable_answer_and_hold_out_prompts(corpus):
             assert int(p["chosen"]) == right and int(p["rejected"]) != right
         if p["family"] in ("reverse", "sort", "upper"):
             assert sorted(p["rejected"].lower().split()) == sorted(p["chosen"].lower().split())  # the same words, wrong
+        if p["family"] == "chat":  # a reply on another topic, never one that answers a twin question
+            assert not preferences.topic_words(question + " " + p["chosen"]) & preferences.topic_words(p["rejected"])
     held = preferences.builtin(corpus, "val", per_family=10)
     train_prompts = {json.dumps(p["prompt"]) for p in preferences.builtin(corpus, "train", per_family=10_000)}
     assert held and {json.dumps(p["prompt"]) for p in held}.isdisjoint(train_prompts)
+
+
+def test_a_chat_pairs_rejected_reply_cannot_be_a_right_answer():
+    turns = [("What kind of computer", "I work on all kinds of computers."),
+             ("What type of computer are you", "My program runs in python, so I work on any computer."),
+             ("What is your favorite programming language", "Python is the best language."),
+             ("What kind of computer", "Any computer at all."),
+             ("Robots laugh", "Of course we laugh.")]
+    # the twin question's reply, the same question's other reply, and a reply that names python are out
+    assert preferences.off_topic_replies("What kind of computer", "I work on all kinds of computers.", turns) == [
+        "Python is the best language.", "Of course we laugh."]
+    assert preferences.off_topic_replies("Do you write python?", "Yes.", turns) == [
+        "I work on all kinds of computers.", "Any computer at all.", "Of course we laugh."]
+    assert preferences.topic_words("What is your favorite Programming language?") == {"favorite", "programming", "language"}
 
 
 def test_user_formats_read_into_one_shape(tmp_path):
