@@ -96,6 +96,7 @@ class RLHFConfig(TrainConfig):
     per_family: int = 500  # built-in training pairs (ppo, grpo: questions) per task family
     families: list[str] = field(default_factory=lambda: list(instructions.FAMILIES))  # built-in task families to use
     safety_pairs: bool = True  # rm, dpo: add the built-in tone and safety pairs (nanofm/safety.py: refuse, helpful, polite)
+    safety_repeat: int = 1  # rm, dpo: each tone and safety training pair this many times (they are few beside the families')
     val_pairs: int = 20  # held-out pairs (questions) per family for the held-out numbers
     seq_len: int = 256  # tokens per prompt + reply; longer ones are cut (and counted)
     beta: float = 0.1  # DPO: strength of the pull towards the reference (the implicit KL coefficient)
@@ -161,6 +162,8 @@ class RLHFConfig(TrainConfig):
                 raise ConfigError("; ".join(problems))
         if (self.prompts or self.reward) and self.algo not in ("ppo", "grpo"):
             raise ConfigError(f"--prompts and --reward are for --algo=ppo or grpo (rewarded sampling), not {self.algo}")
+        if self.safety_repeat < 1:
+            raise ConfigError(f"--safety_repeat must be >= 1 (--safety_pairs=false leaves them out), got {self.safety_repeat}")
         if self.val_pairs < 1 or self.seq_len < 8:
             raise ConfigError("--val_pairs must be >= 1 and --seq_len >= 8")
         if self.dropout is not None and not 0 <= self.dropout < 1:
@@ -208,7 +211,8 @@ def preference_pairs(cfg: RLHFConfig, data_dir: str) -> tuple[list[dict], list[d
     train_pairs = preferences.builtin(data_dir, "train", per_family=cfg.per_family, seed=cfg.seed, families=families)
     held_out = preferences.builtin(data_dir, "val", per_family=cfg.val_pairs, seed=cfg.seed, families=families)
     if cfg.safety_pairs:  # every tone and safety pair (a few hundred), and every held-out one
-        train_pairs, held_out = train_pairs + safety.pairs("train", cfg.seed), held_out + safety.pairs("val", cfg.seed)
+        train_pairs = train_pairs + safety.pairs("train", cfg.seed) * cfg.safety_repeat
+        held_out = held_out + safety.pairs("val", cfg.seed)
     return train_pairs, held_out
 
 

@@ -279,6 +279,24 @@ def test_settings_left_out_take_the_algorithms_defaults():
     assert (grpo.ppo_epochs, grpo.kl_coef, grpo.lr) == (2, 0.01, 3e-4)
 
 
+def test_tone_and_safety_pairs_join_the_builtin_pairs_repeated(corpus):  # noqa: F811
+    import train_rlhf
+    from nanofm import safety
+    from nanofm.common import ConfigError
+    from nanofm.config import parse_config
+
+    def pairs(*flags):
+        return train_rlhf.preference_pairs(parse_config(train_rlhf.RLHFConfig, ["--per_family=5", *flags]), str(corpus))
+    plain, held = pairs("--safety_pairs=false")
+    once, held_once = pairs()
+    thrice, held_thrice = pairs("--safety_repeat=3")
+    train_safety = safety.pairs("train", 1337)
+    assert once == plain + train_safety and thrice == plain + train_safety * 3
+    assert held_once == held_thrice == held + safety.pairs("val", 1337)  # the held-out side is never repeated
+    with pytest.raises(ConfigError, match="--safety_repeat"):
+        parse_config(train_rlhf.RLHFConfig, ["--safety_repeat=0"])
+
+
 def test_ddp_dpo_two_processes_equal_one_with_double_accumulation(chat_model, tmp_path):
     import os
     import subprocess

@@ -277,7 +277,7 @@ def test_settings_left_out_take_the_tasks_defaults():
     chat_cfg = parse_config(train_sft.SFTConfig, [])
     clf = parse_config(train_sft.SFTConfig, ["--task=classify"])
     mine = parse_config(train_sft.SFTConfig, ["--task=classify", "--lr=0.01", "--dropout=0", "--max_iters=7"])
-    assert (chat_cfg.max_iters, chat_cfg.lr, chat_cfg.dropout) == (3000, 3e-3, None)  # None: the checkpoint's dropout
+    assert (chat_cfg.max_iters, chat_cfg.lr, chat_cfg.dropout) == (2500, 3e-3, None)  # None: the checkpoint's dropout
     assert (clf.max_iters, clf.lr, clf.dropout) == (2000, 1e-3, 0.1)
     assert (mine.max_iters, mine.lr, mine.dropout) == (7, 0.01, 0.0)
 
