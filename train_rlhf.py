@@ -113,6 +113,7 @@ class RLHFConfig(TrainConfig):
     ppo_epochs: Optional[int] = None  # passes over each rollout (ppo 4, grpo 2)
     minibatches: Optional[int] = None  # optimizer steps per pass (ppo 2, grpo 2)
     clip: float = 0.2  # ratio clip of the policy loss
+    clip_high: float = 0.0  # upper ratio clip, 1 + this; 0 = --clip (symmetric). DAPO's clip-higher uses 0.28
     target_kl: float = 0.05  # approx. KL to the sampling policy past 1.5x this ends a rollout's epochs (0: never)
     kl_coef: Optional[float] = None  # ppo: k1 KL penalty per token in the reward (0.05); grpo: k3 KL in the loss (0)
     value_coef: float = 0.1  # ppo: weight of the value loss (the critic shares the policy's body)
@@ -148,6 +149,7 @@ class RLHFConfig(TrainConfig):
             problems = [message for bad, message in (
                 (not 0 <= self.kl_coef <= 10, f"--kl_coef must be in [0, 10], got {self.kl_coef}"),
                 (not 0 < self.clip < 1, f"--clip must be in (0, 1), got {self.clip}"),
+                (self.clip_high < 0, f"--clip_high must be >= 0 (0: the same as --clip), got {self.clip_high}"),
                 (not 0 < self.value_clip, f"--value_clip must be > 0, got {self.value_clip}"),
                 (not 0 <= self.gae_lambda <= 1, f"--gae_lambda must be in [0, 1], got {self.gae_lambda}"),
                 (self.target_kl < 0 or self.value_coef < 0, "--target_kl and --value_coef must be >= 0"),
@@ -485,7 +487,8 @@ class PolicyGradient:
             logits, values = model(batch["x"])[0], None
         logits = logits / cfg.temperature  # on-policy: the distribution the rollout sampled from
         logp = token_logprobs(logits, batch["y"], self.tokenizer.vocab_size)
-        loss, stats = rlhf.ppo_policy_loss(logp, batch["old_logp"], batch["advantages"], mask, cfg.clip)
+        loss, stats = rlhf.ppo_policy_loss(logp, batch["old_logp"], batch["advantages"], mask, cfg.clip,
+                                           cfg.clip_high or None)
         if values is not None:
             value_loss = rlhf.ppo_value_loss(values, batch["values"], batch["returns"], mask, cfg.value_clip)
             loss = loss + cfg.value_coef * value_loss

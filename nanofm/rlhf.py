@@ -95,13 +95,15 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
 
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    clip: float = 0.2) -> tuple[torch.Tensor, dict]:
-    """PPO's clipped surrogate: -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A), masked mean. Stats:
-    the clipped fraction and the approximate KL to the rollout policy, mean((ratio - 1) - log ratio)."""
+                    clip: float = 0.2, clip_high: float | None = None) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate: -min(ratio A, clip(ratio, 1 - eps, 1 + eps_high) A), masked mean,
+    with eps_high = clip unless `clip_high` is given (DAPO's clip-higher, Yu et al. 2025: a wider
+    upper bound lets unlikely tokens with a positive advantage grow, against entropy collapse).
+    Stats: the clipped fraction and the approximate KL to the rollout policy, mean((ratio - 1) - log ratio)."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
+    clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + (clip if clip_high is None else clip_high))
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
         stats = {"clip_fraction": masked_mean((clipped > unclipped).float(), mask).item(),

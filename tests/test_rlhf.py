@@ -142,6 +142,13 @@ def test_ppo_first_minibatch_has_ratio_one_and_no_kl():
     assert loss.item() == pytest.approx(-rlhf.masked_mean(advantages, mask).item(), abs=1e-6)
     _, stats = rlhf.ppo_policy_loss(logp + 0.5, logp, torch.ones(4, 6), mask, clip=0.2)
     assert stats["clip_fraction"] == 1.0  # ratio e^0.5 > 1.2 with a positive advantage: every token clipped
+    # clip-higher: ratio 1.25 is clipped at 1.2 but not at 1.28 when the advantage is positive; the lower
+    # bound stays 0.8 for a falling ratio with a negative advantage
+    up, down = torch.full((4, 6), math.log(1.25)), torch.full((4, 6), math.log(0.75))
+    for log_ratio, adv, clip_high, clipped in ((up, 1.0, None, 1.0), (up, 1.0, 0.28, 0.0), (down, -1.0, 0.28, 1.0)):
+        loss, stats = rlhf.ppo_policy_loss(logp + log_ratio, logp, torch.full((4, 6), adv), mask, clip=0.2, clip_high=clip_high)
+        assert stats["clip_fraction"] == clipped, (log_ratio[0, 0].item(), clip_high)
+    assert loss.item() == pytest.approx(0.8)  # -A x clip(0.75, 0.8, 1.28) with A = -1: the clipped (larger) loss
     values = torch.tensor([[1.0, 2.0]])
     assert rlhf.ppo_value_loss(values, torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2)).item() == pytest.approx(
         0.5 * (1 + 4) / 2)  # the unclipped error is the larger
