@@ -13,8 +13,8 @@ is the right answer, the rejected one a plausible wrong answer made by a family'
 off by 1 or 10, a count off by one, one word left in lower case, the order not reversed, two words
 swapped, another domain, another function or speaker of the corpus, the first sentence cut
 short), and for the chatterbot conversations a true reply against the reply of another
-conversation on another topic. A program can therefore check which reply is right, so reward-model accuracy and
-the verifiable rewards of PPO and GRPO are exact.
+conversation on another topic. A program can therefore check which reply is right, so
+reward-model accuracy and the verifiable rewards of PPO and GRPO are exact.
 
 Design decisions:
 - The split is the instruction families' (instructions.builtin): a held-out prompt is never a
@@ -22,11 +22,11 @@ Design decisions:
 - A pair's prompt ends with a user turn, and chosen and rejected are the assistant's next reply
   (plain text): every format is brought to this one shape, and the chat format renders it.
 - A chat pair's rejected reply comes from a conversation that shares no content word with the
-  prompt and its true reply, and is no true reply to the prompt's question. The corpus asks near-duplicates ("What kind of
-  computer", "What type of computer are you") whose replies answer each other, so any other
-  reply made pairs no one could judge: the chosen reply of one held-out pair was the rejected
-  reply of its twin, and the reward model's held-out chat accuracy swung from 1.00 to 0.00 between
-  two runs on 10 such pairs (issue 19).
+  prompt and its true reply, and is no true reply to the prompt's question. The corpus asks
+  near-duplicates ("What kind of computer", "What type of computer are you") whose replies
+  answer each other, so any other reply made pairs no one could judge: the chosen reply of one
+  held-out pair was the rejected reply of its twin, and the reward model's held-out chat
+  accuracy swung from 1.00 to 0.00 between two runs on 10 such pairs (issue 19).
 - Every pair is checked when read (chat.py's rules, non-empty texts, chosen != rejected), and a
   bad one is an error naming the file and line.
 """
