@@ -42,7 +42,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from nanofm import chat, instructions, labels, lora, metrics, tasks  # noqa: E402
+from nanofm import chat, instructions, labels, lora, metrics, safety, tasks  # noqa: E402
 from nanofm.checkpoint import CheckpointError, load_for_training, load_weights, make_meta, read_meta, resolve  # noqa: E402
 from nanofm.common import ConfigError, run_cli  # noqa: E402
 from nanofm.config import config_to_dict, fill_unset, parse_config  # noqa: E402
@@ -69,6 +69,7 @@ class SFTConfig(TrainConfig):
     per_family: int = 2000  # built-in training examples per corpus family (domain, function, speaker, first_sentence, chat)
     per_synthetic: int = 8000  # built-in training examples per generated family (arithmetic, count, upper, reverse, sort)
     families: list[str] = field(default_factory=lambda: list(instructions.FAMILIES))  # built-in task families to train on
+    safety_demos: int = 0  # chat: add the tone and safety demonstrations (nanofm/safety.py), each this many times
     val_per_family: int = 8  # held-out questions per family generated at each evaluation (exact match)
     seq_len: int = 256  # tokens per conversation (or text to classify); longer ones are cut (and counted)
     # classification (--task=classify)
@@ -107,8 +108,9 @@ class SFTConfig(TrainConfig):
             if not 1 <= getattr(self, name) <= instructions.MAX_PER_FAMILY:
                 raise ConfigError(f"--{name} must be in [1, {instructions.MAX_PER_FAMILY}], got {getattr(self, name)}")
         instructions.check_families(self.families)
-        if self.val_per_family < 0:
-            raise ConfigError(f"--val_per_family must be >= 0, got {self.val_per_family}")
+        if self.val_per_family < 0 or self.safety_demos < 0:
+            raise ConfigError(f"--val_per_family and --safety_demos must be >= 0, got {self.val_per_family} and "
+                              f"{self.safety_demos}")
         if self.lora_rank < 0:
             raise ConfigError(f"--lora_rank must be >= 0 (0 = full fine-tuning), got {self.lora_rank}")
         if self.lora_rank:
@@ -167,8 +169,9 @@ def conversations(cfg: SFTConfig, parent_meta: dict) -> tuple[list[dict], list[d
         # a held-out tenth of the user's data for the validation loss; the built-in questions stay for exact match
         split = max(1, len(items) // 10)
         return items[split:], items[:split] + held_out, data_dir
-    return (instructions.builtin(data_dir, "train", per_family=cfg.per_family, seed=cfg.seed, families=families,
-                                 per_synthetic=cfg.per_synthetic), held_out, data_dir)
+    items = instructions.builtin(data_dir, "train", per_family=cfg.per_family, seed=cfg.seed, families=families,
+                                 per_synthetic=cfg.per_synthetic)
+    return items + safety.demonstrations("train", cfg.seed) * cfg.safety_demos, held_out, data_dir
 
 
 class ChatSFT:

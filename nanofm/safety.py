@@ -2,6 +2,7 @@
 
     from nanofm import safety
     pairs = safety.pairs("train", seed=0)          # DPO / reward-model pairs of three families
+    demos = safety.demonstrations("train", seed=0) # SFT conversations: look-alikes answered, bare facts
     rates = safety.measure(engine, safety.prompts("val", seed=0))   # a chat model's engine
     rates["refusal_rate"], rates["over_refusal_rate"], rates["polite_share"]
 
@@ -151,6 +152,27 @@ def prompts(split: str = "val", seed: int = 0) -> list[dict]:
             rejected = f"{_pick(RUDE_OPENINGS, prompt)} {facts} {_pick(RUDE_CLOSINGS, 'c' + prompt)}"
             items.append({"family": "polite", "prompt": prompt, "chosen": chosen, "rejected": rejected})
     return [item for item in items if split_of(item["prompt"], seed) == split]
+
+
+def demonstrations(split: str = "train", seed: int = 0) -> list[dict]:
+    """SFT conversations ({"family": "tone", "messages"}) for the split's prompts that have a
+    neutral answer: each harmless look-alike with its useful answer, each plain question with the
+    bare facts (neither polite nor rude). Harmful requests get none, and the tone is left to
+    preference tuning. Without them the SFT model has never seen these prompts and answers them
+    with word salad, far from both replies of a pair. With them (x10 in the mixture), DPO at
+    --safety_repeat=4 raised held-out refusals from 0 to 0.79 with no over-refusal (README, stage 6)."""
+    facts_of = {topic: facts for topic, facts in TOPICS}
+    demos = []
+    for item in prompts(split, seed):
+        if item["family"] == "helpful":
+            reply = item["chosen"]
+        elif item["family"] == "polite":
+            reply = next(facts for topic, facts in facts_of.items() if facts in item["chosen"])
+        else:
+            continue
+        demos.append({"family": "tone", "messages": [{"role": "user", "content": item["prompt"]},
+                                                     {"role": "assistant", "content": reply}]})
+    return demos
 
 
 def pairs(split: str = "train", seed: int = 0, families: tuple[str, ...] = FAMILIES) -> list[dict]:

@@ -58,3 +58,20 @@ def test_measure_counts_refusals_over_refusals_and_tone(monkeypatch):
     assert rates["refusal_rate"] == pytest.approx(3 / 4) and rates["over_refusal_rate"] == pytest.approx(1 / 2)
     assert rates["polite_share"] == pytest.approx(2 / 4) and rates["rude_share"] == pytest.approx(1 / 4)
     assert rates["n"] == {"refuse": 4, "helpful": 2, "polite": 4}
+
+
+def test_demonstrations_answer_the_look_alikes_and_plain_questions_but_no_harmful_request():
+    demos = safety.demonstrations("train", seed=0)
+    by_prompt = {p["prompt"]: p for p in safety.prompts("train", seed=0)}
+    families = [by_prompt[d["messages"][0]["content"]]["family"] for d in demos]
+    assert set(families) == {"helpful", "polite"} and len(demos) == sum(p["family"] != "refuse" for p in by_prompt.values())
+    for demo, family in zip(demos, families):
+        prompt, reply = demo["messages"][0]["content"], demo["messages"][1]["content"]
+        assert demo["family"] == "tone" and demo["messages"][1]["role"] == "assistant"
+        if family == "helpful":
+            assert reply == by_prompt[prompt]["chosen"] and not safety.is_refusal(reply)
+        else:  # the bare facts: the chosen reply without its polite wrapping, no tone either way
+            assert reply in by_prompt[prompt]["chosen"] and reply in by_prompt[prompt]["rejected"]
+            assert not safety.is_polite(reply) and not safety.is_rude(reply)
+    held_out = {d["messages"][0]["content"] for d in safety.demonstrations("val", seed=0)}
+    assert held_out and held_out.isdisjoint(by_prompt)

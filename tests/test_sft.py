@@ -271,6 +271,20 @@ def test_a_tiny_classifier_beats_chance_and_eval_reads_its_labels(base, corpus, 
     assert clf["accuracy"] == pytest.approx(result["val_accuracy"]) and len(clf["confusion_matrix"]) >= 2
 
 
+def test_safety_demonstrations_join_the_builtin_mixture(corpus):
+    import train_sft
+    from nanofm import safety
+    from nanofm.common import ConfigError
+    from nanofm.config import parse_config
+    meta = {"data_dir": str(corpus)}
+    flags = ["--per_family=3", "--per_synthetic=3"]
+    plain, held, _ = train_sft.conversations(parse_config(train_sft.SFTConfig, flags), meta)
+    more, held_more, _ = train_sft.conversations(parse_config(train_sft.SFTConfig, flags + ["--safety_demos=2"]), meta)
+    assert more == plain + safety.demonstrations("train", 1337) * 2 and held_more == held
+    with pytest.raises(ConfigError, match="--safety_demos"):
+        parse_config(train_sft.SFTConfig, ["--safety_demos=-1"])
+
+
 def test_settings_left_out_take_the_tasks_defaults():
     import train_sft
     from nanofm.config import parse_config
