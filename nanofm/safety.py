@@ -161,13 +161,12 @@ def demonstrations(split: str = "train", seed: int = 0) -> list[dict]:
     preference tuning. Without them the SFT model has never seen these prompts and answers them
     with word salad, far from both replies of a pair. With them (x10 in the mixture), DPO at
     --safety_repeat=4 raised held-out refusals from 0 to 0.79 with no over-refusal (README, stage 6)."""
-    facts_of = {topic: facts for topic, facts in TOPICS}
     demos = []
     for item in prompts(split, seed):
         if item["family"] == "helpful":
             reply = item["chosen"]
         elif item["family"] == "polite":
-            reply = next(facts for topic, facts in facts_of.items() if facts in item["chosen"])
+            reply = next(facts for _, facts in TOPICS if facts in item["chosen"])
         else:
             continue
         demos.append({"family": "tone", "messages": [{"role": "user", "content": item["prompt"]},
