@@ -69,7 +69,7 @@ class SFTConfig(TrainConfig):
     per_family: int = 2000  # built-in training examples per corpus family (domain, function, speaker, first_sentence, chat)
     per_synthetic: int = 8000  # built-in training examples per generated family (arithmetic, count, upper, reverse, sort)
     families: list[str] = field(default_factory=lambda: list(instructions.FAMILIES))  # built-in task families to train on
-    safety_demos: int = 0  # chat: add the tone and safety demonstrations (nanofm/safety.py), each this many times
+    safety_demos: int = 10  # chat: add the tone and safety demonstrations (nanofm/safety.py), each this many times; 0 = none
     val_per_family: int = 8  # held-out questions per family generated at each evaluation (exact match)
     seq_len: int = 256  # tokens per conversation (or text to classify); longer ones are cut (and counted)
     # classification (--task=classify)
@@ -178,10 +178,12 @@ class ChatSFT:
     """Cross-entropy on the assistant's tokens (y = -100 elsewhere); evaluated as held-out loss and
     greedy exact match on a few held-out questions of every checkable family."""
 
-    def __init__(self, cfg: SFTConfig, ctx, tokenizer: Tokenizer, held_out: list[dict]):
+    def __init__(self, cfg: SFTConfig, ctx, tokenizer: Tokenizer, held_out: list[dict], context: int):
         self.cfg, self.ctx, self.tokenizer = cfg, ctx, tokenizer
         self.held_out = held_out
-        self.questions = [item for item in held_out if item.get("family") in instructions.CHECKABLE]
+        # questions whose prompt leaves no room for a reply in the model's context are left out of exact match
+        self.questions = [item for item in held_out if item.get("family") in instructions.CHECKABLE
+                          and len(chat.render_prompt(tokenizer, item["messages"][:-1])) < context]
         self.make_val_loader()  # fail now, not at the first evaluation
 
     def make_val_loader(self):
@@ -253,6 +255,10 @@ def main(argv=None) -> dict:
     model, tokenizer, parent_meta, parent, resume_from = load_start(cfg)
     if cfg.dropout is not None:
         model.set_dropout(cfg.dropout)
+    if cfg.seq_len > model.cfg.block_size:  # a row cannot be longer than the model's context
+        if ctx.master:
+            print(f"sft: --seq_len {cfg.seq_len} is longer than the model's context; using {model.cfg.block_size}")
+        cfg.seq_len = model.cfg.block_size
     data_dir = cfg.data_dir or parent_meta.get("data_dir") or str(ROOT / "data" / "default")
     label_names = None
     if cfg.task == "classify":
@@ -289,7 +295,7 @@ def main(argv=None) -> dict:
     else:
         train_loader = ChatLoader(train_items, tokenizer, cfg.batch_size, cfg.seq_len, ctx.rank, ctx.world_size,
                                   ctx.device, seed=cfg.seed)
-        objective = ChatSFT(cfg, ctx, tokenizer, held_out)
+        objective = ChatSFT(cfg, ctx, tokenizer, held_out, model.cfg.block_size)
     models = wrap_model(model, cfg, ctx)
     trainable = sum(p.numel() for p in models.raw.parameters() if p.requires_grad)
 

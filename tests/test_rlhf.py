@@ -295,7 +295,8 @@ def test_tone_and_safety_pairs_join_the_builtin_pairs_repeated(corpus):  # noqa:
     def pairs(*flags):
         return train_rlhf.preference_pairs(parse_config(train_rlhf.RLHFConfig, ["--per_family=5", *flags]), str(corpus))
     plain, held = pairs("--safety_pairs=false")
-    once, held_once = pairs()
+    once, held_once = pairs("--safety_repeat=1")
+    assert pairs()[0] == plain + safety.pairs("train", 1337) * 4  # the default: each 4 times
     thrice, held_thrice = pairs("--safety_repeat=3")
     train_safety = safety.pairs("train", 1337)
     assert once == plain + train_safety and thrice == plain + train_safety * 3

@@ -134,8 +134,9 @@ def base(corpus, tmp_path_factory):
     return save_checkpoint(out / "run", 0, model, meta, tokenizer_path=out / "tokenizer.json")
 
 
+# --safety_demos=0: the default's 990 tone demonstrations would drown a 60-per-family toy mixture
 COMMON = ["--batch_size=16", "--seq_len=96", "--per_family=60", "--val_per_family=4", "--eval_iters=1",
-          "--log_interval=5", "--lr=3e-3", "--sample_tokens=8"]
+          "--log_interval=5", "--lr=3e-3", "--sample_tokens=8", "--safety_demos=0"]
 
 
 def test_a_tiny_sft_run_raises_exact_match_and_records_the_chat_format(base, corpus, tmp_path):
@@ -277,7 +278,7 @@ def test_safety_demonstrations_join_the_builtin_mixture(corpus):
     from nanofm.common import ConfigError
     from nanofm.config import parse_config
     meta = {"data_dir": str(corpus)}
-    flags = ["--per_family=3", "--per_synthetic=3"]
+    flags = ["--per_family=3", "--per_synthetic=3", "--safety_demos=0"]
     plain, held, _ = train_sft.conversations(parse_config(train_sft.SFTConfig, flags), meta)
     more, held_more, _ = train_sft.conversations(parse_config(train_sft.SFTConfig, flags + ["--safety_demos=2"]), meta)
     assert more == plain + safety.demonstrations("train", 1337) * 2 and held_more == held
@@ -292,6 +293,7 @@ def test_settings_left_out_take_the_tasks_defaults():
     clf = parse_config(train_sft.SFTConfig, ["--task=classify"])
     mine = parse_config(train_sft.SFTConfig, ["--task=classify", "--lr=0.01", "--dropout=0", "--max_iters=7"])
     assert (chat_cfg.max_iters, chat_cfg.lr, chat_cfg.dropout) == (2500, 3e-3, None)  # None: the checkpoint's dropout
+    assert chat_cfg.safety_demos == 10
     assert (clf.max_iters, clf.lr, clf.dropout) == (2000, 1e-3, 0.1)
     assert (mine.max_iters, mine.lr, mine.dropout) == (7, 0.01, 0.0)
 
