@@ -173,8 +173,6 @@ def _instructions(s: Subject, cfg: Settings, done: dict) -> dict:
 
 def _safety(s: Subject, cfg: Settings, done: dict) -> dict:
     from nanofm import safety
-    if not s.chat_format:
-        raise tasks.TaskError("the safety task asks chat prompts: it needs a chat-tuned checkpoint (train_sft.py)")
     return safety.measure(s.engine, safety.prompts("val", seed=data_seed(s, cfg)))
 
 
@@ -212,6 +210,7 @@ class Task:
     fits: frozenset  # the kinds of model it evaluates: "lm", "mlm", "classifier"
     run: Callable  # (subject, settings, results so far) -> result dict
     ask_only: bool = False  # needs a file or the network: only when asked for by name
+    chat: bool = False  # asks chat prompts: a base model is skipped (said so), even when the task is named
 
 
 TASKS = {t.name: t for t in [
@@ -223,7 +222,7 @@ TASKS = {t.name: t for t in [
     Task("hellaswag", frozenset({"lm"}), _hellaswag, ask_only=True),
     Task("instructions", frozenset({"lm"}), _instructions),
     Task("induction", frozenset({"lm"}), _induction),
-    Task("safety", frozenset({"lm"}), _safety),
+    Task("safety", frozenset({"lm"}), _safety, chat=True),
     Task("classification", frozenset({"classifier"}), _classification),
     Task("robustness", frozenset({"lm", "classifier"}), _robustness),
     Task("fairness", frozenset({"lm", "classifier"}), _fairness),
@@ -248,6 +247,9 @@ def run_tasks(subject: Subject, names: list[str] | None = None, settings: Settin
             task = TASKS[name]
             if subject.kind not in task.fits:
                 out["skipped"][name] = f"needs a {' or '.join(sorted(task.fits))} checkpoint, this is a {subject.kind}"
+                continue
+            if task.chat and not subject.chat_format:  # so eval.py can compare a base with its chat models
+                out["skipped"][name] = "the task asks chat prompts: it needs a chat-tuned checkpoint (train_sft.py)"
                 continue
             if log:
                 log(f"[{subject.name}] {name} ...")

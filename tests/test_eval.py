@@ -213,6 +213,9 @@ def test_eval_compares_checkpoints_and_writes_a_whole_report(trained, data_dir, 
     assert b["results"]["lambada"]["perplexity"] < a["results"]["lambada"]["perplexity"] / 10  # last words: learned
     assert set(a["skipped"]) == {"mlm", "classification", "safety"} and "needs a mlm checkpoint" in a["skipped"]["mlm"]
     assert "needs a chat-tuned checkpoint" in a["skipped"]["safety"]  # a base model is not asked chat prompts
+    named = evaluate.main(["--ckpt", str(start), "--tasks", "safety", "--out_dir", str(tmp_path / "named"),
+                           "--progress=false"])  # named too: skipped and said, so a base can sit beside chat models
+    assert "needs a chat-tuned checkpoint" in named["checkpoints"]["start"]["skipped"]["safety"]
     files = {p.name for p in (tmp_path / "ev").iterdir()}
     assert {"report.json", "report.md", "bits_per_byte.png", "robustness.png", "explain_trained.png"} <= files
     md = (tmp_path / "ev" / "report.md").read_text()
