@@ -194,14 +194,20 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, attn_mask=None, cache: KVCache | None = None):
+    def project(self, x, rope=None):
+        """Queries [B, n_head, T, head_dim], keys and values [B, n_kv_head, T, head_dim], rotated by RoPE."""
         cfg, (B, T, C) = self.cfg, x.shape
         q, k, v = self.c_attn(x).split([C, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim], dim=2)
-        q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # [B, heads, T, head_dim]
+        q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
         k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def forward(self, x, rope=None, attn_mask=None, cache: KVCache | None = None):
+        cfg, (B, T, C) = self.cfg, x.shape
+        q, k, v = self.project(x, rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         # causal without a cache (or a cache starting empty): the fused causal path; with cached
@@ -507,6 +513,33 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_limit: int
     flat = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
     nll = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="none")
     return -nll.view(targets.shape)
+
+
+def attention_maps(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
+    """Attention probabilities [layers, heads, T, T] of one sequence (idx [1, T]), for plots. The
+    forward pass uses a fused kernel that never forms them, so each layer's are recomputed from
+    its queries and keys (softmax(q k^T / sqrt(d)), the causal mask applied) on the way through."""
+    if idx.dim() != 2 or idx.size(0) != 1:
+        raise ConfigError(f"attention_maps takes one sequence, ids of shape [1, T]; got {tuple(idx.shape)}")
+    maps = []
+
+    def record(attn, args):  # a pre-hook: args are (x, rope, attn_mask, cache) as Block passes them
+        q, k, _ = attn.project(args[0], args[1] if len(args) > 1 else None)
+        k = k.repeat_interleave(attn.cfg.n_head // attn.cfg.n_kv_head, dim=1)  # grouped-query: shared keys
+        scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(attn.cfg.head_dim)
+        if attn.cfg.causal:
+            future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        maps.append(scores.softmax(-1)[0])
+
+    hooks = [block.attn.register_forward_pre_hook(record) for block in model.transformer.h]
+    try:
+        with torch.no_grad():
+            model.hidden_states(idx)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(maps).cpu()
 
 
 def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

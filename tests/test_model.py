@@ -216,3 +216,28 @@ def test_a_value_head_shares_the_body_and_comes_off_for_export():
     from nanofm.convert import to_hf
     hf = to_hf(critic)
     assert torch.allclose(hf(idx).logits, logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_maps_are_the_fused_kernels_probabilities(causal):
+    """With the identity as values, scaled_dot_product_attention returns its probabilities: the
+    maps must equal them, layer by layer (grouped-query attention and RoPE included)."""
+    import torch.nn.functional as F
+    from nanofm.common import ConfigError
+    from nanofm.model import attention_maps
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16,
+                                    pos="rope", norm="rmsnorm", causal=causal)).eval()
+    idx = torch.randint(0, 50, (1, 10))
+    maps = attention_maps(model, idx)
+    assert maps.shape == (2, 4, 10, 10)
+    x, rope = model._embed(idx, torch.arange(10))
+    for layer, block in enumerate(model.transformer.h):
+        q, k, _ = block.attn.project(block.ln_1(x), rope)
+        eye = torch.eye(10).expand(1, 2, 10, 10)
+        expected = F.scaled_dot_product_attention(q, k, eye, is_causal=causal, enable_gqa=True)[0]
+        assert torch.allclose(maps[layer], expected, atol=1e-5)
+        x = block(x, rope)
+    assert torch.allclose(maps.sum(-1), torch.ones(2, 4, 10)) and (maps.triu(1).abs().max() == 0) == causal
+    with pytest.raises(ConfigError, match="one sequence"):
+        attention_maps(model, torch.zeros(2, 5, dtype=torch.long))
