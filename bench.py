@@ -407,6 +407,7 @@ class ForgettingConfig:
     old_domain: str = "prose"  # built-in domain trained first
     new_domain: str = "code"  # built-in domain trained next
     out: str = "bench_out"  # data, runs, forgetting.png and forgetting.json go here
+    base_flags: list[str] = field(default_factory=list)  # more train_pretrain.py flags for the base run, repeatable (--base_flags=--n_layer=2)
 
 
 def bench_forgetting(argv) -> dict:
@@ -425,7 +426,7 @@ def bench_forgetting(argv) -> dict:
                         "--progress=false", *extra], check=True)
     common = ["--sample_tokens=0", "--checkpoint_interval=100000", "--overwrite"]
     train_pretrain.main(["--data_dir", str(old_dir), "--out_dir", str(root / "base"), f"--max_iters={cfg.base_iters}",
-                         "--eval_interval=50", "--eval_dirs", str(new_dir), *common])
+                         "--eval_interval=50", "--eval_dirs", str(new_dir), *common, *cfg.base_flags])
     base = [json.loads(line) for line in (root / "base" / "metrics.jsonl").read_text().splitlines() if "val_loss" in line][-1]
     old_key, new_key = f"val_loss_{old_dir.name}", f"val_loss_{new_dir.name}"
     runs = {}

@@ -654,6 +654,7 @@ def simulate(argv) -> dict:
         plan.append({"i": i, "prompt": prompt, "answer": answer, "rate": rng.random() < cfg.rate_share,
                      "down": rng.random() < (cfg.down_after if phase == "after" else cfg.down_before)})
     counts = {"sent": 0, "errors": 0, "rated": 0}
+    first_error = []  # what went wrong, said once (a prompt longer than a small model's context, a dead server)
     lock, queue = threading.Lock(), list(reversed(plan))
 
     def worker():
@@ -675,9 +676,11 @@ def simulate(argv) -> dict:
                 with lock:
                     counts["sent"] += 1
                     counts["rated"] += item["rate"]
-            except (OSError, urllib.error.HTTPError, KeyError, json.JSONDecodeError):
+            except (OSError, urllib.error.HTTPError, KeyError, json.JSONDecodeError) as exc:
+                detail = exc.read().decode("utf-8", "replace")[:300] if isinstance(exc, urllib.error.HTTPError) else ""
                 with lock:
                     counts["errors"] += 1
+                    first_error[:] = first_error or [f"{exc} {detail}".strip()]
     from tqdm import tqdm
     threads = [threading.Thread(target=worker) for _ in range(cfg.concurrency)]
     for t in threads:
@@ -688,7 +691,7 @@ def simulate(argv) -> dict:
             bar.n = counts["sent"] + counts["errors"]
             bar.refresh()
     print(f"{counts['sent']} requests sent ({cfg.before} -> {cfg.after} at {cfg.shift_at}), {counts['rated']} rated, "
-          f"{counts['errors']} errors")
+          f"{counts['errors']} errors" + (f" (the first: {first_error[0]})" if first_error else ""))
     return counts
 
 
