@@ -126,6 +126,7 @@ def main(argv=None) -> dict | None:
             report["plots"] += [r["figure"] for r in outcome["results"].values() if isinstance(r, dict) and "figure" in r]
         report["plots"] += plot_comparison(report, scratch)
         report["paired"] = paired(report)
+        report["paired_images"] = paired(report, "images")
         report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
         rows = table(report)
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]

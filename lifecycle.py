@@ -16,7 +16,9 @@ The stages, each a command a user could type (every one is printed before it run
     sft       train_sft.py: chat SFT on the built-in task families (and tone demonstrations)
     dpo       train_rlhf.py --algo=dpo: preference pairs, tone and safety pairs included
     grpo      train_rlhf.py --algo=grpo: sampled answers scored against the checkable answers
-    eval      eval.py: every model on the same held-out questions, with paired differences
+    vision    train_vision.py: digit classifiers with a CNN stem and a ViT stem, and eval.py pairing them
+    vlm       train_vision.py --task=chat: the SFT model learns to read images ("what digit is this?")
+    eval      eval.py: every chat model on the same held-out questions, with paired differences
     serve     serve.py on a copy of the DPO model, then monitor.py simulate: checkable questions whose
               users rate each reply by its answer, turning to code snippets half-way
     monitor   monitor.py report and check: windows of traffic and the drift alarm
@@ -90,7 +92,8 @@ class LifecycleConfig:
             raise ConfigError("--gpus must be >= 0, --mfu in (0, 1], --usd_per_gpu_hour >= 0")
 
 
-STAGE_NAMES = ("prepare", "pretrain", "continue", "sft", "dpo", "grpo", "eval", "serve", "monitor", "retrain", "chat")
+STAGE_NAMES = ("prepare", "pretrain", "continue", "sft", "dpo", "grpo", "vision", "vlm", "eval", "serve", "monitor", "retrain",
+               "chat")
 
 
 class LifecycleError(NanofmError):
@@ -113,6 +116,9 @@ SMOKE = {
     # two families the toy SFT model sometimes gets right when sampling: elsewhere every group's rewards are 0
     "grpo": ["--max_iters=16", "--per_family=20", "--val_pairs=3", "--eval_interval=16", "--max_new_tokens=8",
              "--families=domain", "--families=count"],
+    "vision": ["--max_iters=100", "--eval_interval=100", "--n_embd=64", "--width=32"],
+    "vlm": ["--max_iters=60", "--eval_interval=60", "--data=digits", "--text_ratio=0.1", "--batch_size=16",
+            "--eval_questions=40", "--seq_len=128", "--sample_tokens=0"],
     "eval": ["--max_items=10"],
     "simulate": ["--requests=60", "--shift_at=30", "--max_tokens=8"],
     "report": ["--window_requests=20"],
@@ -233,11 +239,23 @@ def measure_grpo(p: Paths) -> dict:
             "before": mean_of(rewards[:k]), "after": mean_of(rewards[-k:]), "kl": kls[-1] if kls else math.nan}
 
 
+def measure_vision(p: Paths) -> dict:
+    report = json.loads((p.eval_images / "report.json").read_text())
+    cnn, vit = (report["checkpoints"][name]["results"]["images"] for name in ("vision_cnn", "vision_vit"))
+    gain = report["paired_images"].get("vision_vit", {})
+    sklearn = json.loads((p.vision_cnn / "report.json").read_text()).get("sklearn", {})
+    return {"what": "held-out digit accuracy: CNN stem, first evaluation -> last", "before": evals(p.vision_cnn, "val_accuracy")[0],
+            "after": cnn["accuracy"], "vit": vit["accuracy"], "vit_minus_cnn": gain.get("difference"), "se": gain.get("se"),
+            "sklearn_svm": sklearn.get("svm_rbf", {}).get("accuracy"), "report": "vision_cnn/confusion.png"}
+
+
 def measure_eval(p: Paths) -> dict:
     report = json.loads((p.eval / "report.json").read_text())
     scores = {name: c["results"]["instructions"]["mean_exact_match"] for name, c in report["checkpoints"].items()}
     return {"what": "mean held-out exact match: base -> SFT", "before": scores.get("pretrain"), "after": scores.get("sft"),
-            "scores": scores, "paired": report.get("paired", {})}
+            "scores": scores, "paired": report.get("paired", {}),
+            "images": {name: c["results"]["images"]["exact_match"] for name, c in report["checkpoints"].items()
+                       if "images" in c["results"]}}
 
 
 def measure_serve(p: Paths) -> dict:
@@ -321,8 +339,19 @@ def stages(cfg: LifecycleConfig, p: Paths) -> list[Stage]:
         Stage("grpo", "6 alignment: GRPO", [train("train_rlhf.py", "--algo=grpo", "--init_from", p.sft, "--data_dir", tasks, "--out_dir", p.grpo,
                                                   overwrite, *f("grpo"))],
               lambda p: {**measure_grpo(p), "report": "grpo/curves.png"}),
+        Stage("vision", "4-5 images: classifiers", [
+            train("train_vision.py", "--out_dir", p.vision_cnn, overwrite, *f("vision")),
+            train("train_vision.py", "--stem=vit", "--out_dir", p.vision_vit, overwrite, *f("vision")),
+            python("eval.py", "--ckpt", p.vision_cnn, "--ckpt", p.vision_vit, "--tasks", "images", "--out_dir", p.eval_images,
+                   "--progress=false")],
+              measure_vision),
+        Stage("vlm", "5 images: chat SFT", [train("train_vision.py", "--task=chat", "--init_from", p.sft, "--vision_from",
+                                                  p.vision_cnn, "--out_dir", p.vlm, overwrite, *f("vlm"))],
+              lambda p: first_last(p.vlm, "val_image_digit", "exact match, 'what digit is this?' on held-out images",
+                                   report="vlm/loss.png")),
         Stage("eval", "7 evaluation", [python("eval.py", "--ckpt", p.sft, "--ckpt", p.dpo, "--ckpt", p.grpo,
-                                              "--ckpt", p.pretrain, "--tasks", "instructions", "--tasks", "safety", "--data_dir", tasks,
+                                              "--ckpt", p.pretrain, "--ckpt", p.vlm, "--tasks", "instructions", "--tasks", "safety",
+                                              "--tasks", "images", "--data_dir", tasks,
                                               "--out_dir", p.eval, "--progress=false", *f("eval"))],
               measure_eval),
         Stage("serve", "8 deployment", [python("monitor.py", "simulate", "--url", p.url, "--data_dir", tasks,
@@ -482,6 +511,13 @@ def write_report(cfg: LifecycleConfig, p: Paths, state: dict) -> None:
             paired = f"{pair['difference']:+.3f} ({pair['se']:.3f})" if pair else ""
             parts.append(f"| {name} | {score:.3f} | {paired} |")
         parts.append("")
+        for name, scores in measured["eval"].get("images", {}).items():
+            parts += [f"{name} on questions about held-out images: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), ""]
+    if "vision" in measured:
+        v = measured["vision"]
+        parts += [f"Digit classifiers on the same held-out images: CNN stem {v['after']:.3f}, ViT stem {v['vit']:.3f} "
+                  f"(ViT - CNN paired {v['vit_minus_cnn']:+.3f}, se {v['se']:.3f}); scikit-learn's SVM "
+                  f"{fmt(v['sklearn_svm'])}.", ""]
     if "chat" in measured:
         parts += ["## A short chat with the served model", ""]
         parts += [f"> **user:** {t['user']}\n>\n> **assistant:** {t['assistant']}\n" for t in measured["chat"]["turns"]]

@@ -330,9 +330,18 @@ def messages_of(row: dict) -> list[dict]:
     return prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
 
 
+def has_image(row: dict) -> bool:
+    return any(isinstance(m, dict) and isinstance(m.get("content"), list)
+               and any(isinstance(p, dict) and p.get("type") == "image" for p in m["content"])
+               for m in messages_of(row))
+
+
 def export(argv) -> dict:
     cfg = parse_config(ExportConfig, argv, description="feedback -> SFT JSONL, preference pairs, a corpus")
     rows = read_rows(cfg.db, cfg.since)
+    # the log keeps an image as its hash, not its pixels: such a chat cannot become training data
+    with_images = [r for r in rows if has_image(r)]
+    rows = [r for r in rows if not has_image(r)]
     good = [r for r in rows if is_good(r, cfg.min_stars) and reply_text(r).strip()]
     bad = [r for r in rows if is_down(r) and reply_text(r).strip()]
     sft = [{"messages": messages_of(r) + [{"role": "assistant", "content": reply_text(r)}]} for r in good]
@@ -357,7 +366,10 @@ def export(argv) -> dict:
     atomic_write_text(out / "sft.jsonl", jsonl(sft))
     atomic_write_text(out / "pairs.jsonl", jsonl(pairs))
     atomic_write_text(out / "corpus" / "prompts.jsonl", jsonl(corpus))
-    counts = {"requests": len(rows), "sft": len(sft), "pairs": len(pairs), "corpus_documents": len(corpus)}
+    counts = {"requests": len(rows), "sft": len(sft), "pairs": len(pairs), "corpus_documents": len(corpus),
+              "skipped_with_images": len(with_images)}
+    if with_images:
+        print(f"note: {len(with_images)} chats with images are left out (the log keeps image hashes, not pixels)")
     print(f"{len(rows)} requests -> {out}/sft.jsonl ({len(sft)} conversations rated good), {out}/pairs.jsonl "
           f"({len(pairs)} preference pairs), {out}/corpus/prompts.jsonl ({len(corpus)} distinct prompts)")
     if not sft:

@@ -44,6 +44,11 @@ Design decisions:
 - The edge export: --int8 quantizes the weights at load (int8 weight-only, per-channel scales;
   nanofm/quantize.py), and a checkpoint exported with `python -m nanofm.quantize` loads as int8
   by itself: about 4x less memory for the weights, for CPUs and small devices.
+- Images: a message's content may be OpenAI's list of parts, {"type": "text", "text"} and
+  {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}; a vision-language
+  checkpoint (train_vision.py --task=chat) reads them, any other answers 400. Only data URLs are
+  read (the server fetches nothing); an image that does not decode is a 400 naming the problem.
+  The log keeps an image as {"type": "image", "hash", "width", "height"}, never its bytes.
 - Speed: `python bench.py generate` (the engine vs transformers' generate) and
   `python bench.py serve` (64 concurrent streaming clients against this server vs one by one).
 """
@@ -70,7 +75,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from pydantic import BaseModel, Field, field_validator  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
-from nanofm import chat, quantize  # noqa: E402
+from nanofm import chat, images, quantize  # noqa: E402
 from nanofm.checkpoint import load_for_inference, resolve  # noqa: E402
 from nanofm.common import ConfigError, NanofmError, pick_device, run_cli  # noqa: E402
 from nanofm.config import parse_config  # noqa: E402
@@ -92,7 +97,7 @@ class ServeConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     log: str = "out/serve/interactions.db"  # the interaction log: an SQLite file, or a postgresql:// URL; "" = none
     api_key: str = ""  # required as "Authorization: Bearer KEY" on /v1 and /admin; "" = $NANOFM_API_KEY, else none
-    max_body_bytes: int = 1_000_000  # larger request bodies get a 413
+    max_body_bytes: int = 4_000_000  # larger request bodies get a 413 (an image as a data URL is a third larger than its file)
     max_tokens_limit: int = 0  # the largest max_tokens a request may ask for; 0 = the context
     max_pending: int = 256  # requests running or waiting; more get a 429
     watch: bool = False  # reload when --ckpt (a run directory) gets a new latest checkpoint
@@ -120,9 +125,24 @@ class CompletionRequest(Sampling):
     max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for completions
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(BaseModel):
+    url: str = Field(..., min_length=1)  # a data URL: data:image/png;base64,...
+    detail: Optional[str] = None  # OpenAI's resolution hint; accepted and ignored (the model has one input size)
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Union[str, list[Union[TextPart, ImagePart]]]
 
 
 class ChatRequest(Sampling):
@@ -161,7 +181,7 @@ def error_response(status: int, message: str, param: str | None = None, kind: st
 class Limits:
     """What one client may ask of the server (ServeConfig's flags)."""
     api_key: str = ""
-    max_body_bytes: int = 1_000_000
+    max_body_bytes: int = 4_000_000
     max_tokens_limit: int = 0
     max_pending: int = 256
 
@@ -334,9 +354,9 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
         return SamplingParams(max_tokens=body.max_tokens or engine.model.cfg.block_size, temperature=body.temperature,
                               top_p=None if body.top_p >= 1 else body.top_p, top_k=body.top_k, seed=seed, stop=stop)
 
-    def rows_for(body: Sampling, prompt_ids: list[int], engine: Engine):
+    def rows_for(body: Sampling, prompt_ids: list[int], engine: Engine, pictures=None):
         try:
-            return [engine.new_row(prompt_ids, sampling(body, i, engine)) for i in range(body.n)]
+            return [engine.new_row(prompt_ids, sampling(body, i, engine), images=pictures) for i in range(body.n)]
         except NanofmError as exc:  # the prompt does not fit the context, or bad settings
             raise APIError(400, str(exc), "prompt") from None
 
@@ -367,7 +387,7 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
                             **{k: v for k, v in usage(rows, completions).items() if k != "total_tokens"},
                             "finish_reason": finish})
 
-    async def answer(endpoint: str, body: Sampling, prompt, prompt_ids, served: dict):
+    async def answer(endpoint: str, body: Sampling, prompt, prompt_ids, served: dict, pictures=None):
         """Submit the n rows of one request to the scheduler and answer: a JSON body, or a stream
         of server-sent events (every row's deltas as they come, index = the row, then [DONE]).
         Each row's events arrive on an asyncio queue fed from the scheduler's thread; a client
@@ -381,7 +401,7 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
         if in_flight[0] + body.n > limits.max_pending:
             raise APIError(429, f"{in_flight[0]} requests are in flight (the limit is {limits.max_pending}); retry later",
                            kind="rate_limit_error")
-        rows = rows_for(body, prompt_ids, engine)
+        rows = rows_for(body, prompt_ids, engine, pictures)
         in_flight[0] += len(rows)
         released = []
 
@@ -500,12 +520,39 @@ def make_app(engine: Engine, name: str, chat_format: str | None, slots: int = 16
         if not served["chat_format"]:
             raise APIError(400, f"{name} is not a chat model (its checkpoint has no chat format); "
                            f"use /v1/completions, or serve a model fine-tuned with train_sft.py", "messages")
-        messages = [m.model_dump() for m in body.messages]
+        model = served["engine"].model
         try:
-            prompt_ids = chat.render_prompt(served["engine"].tokenizer, messages)
+            messages, logged = read_messages(body.messages)
+            vision = model.vision.cfg if model.cfg.vision is not None else None
+            prompt_ids = chat.render_prompt(served["engine"].tokenizer, messages, image_tokens=vision.n_tokens if vision else 0)
         except NanofmError as exc:
             raise APIError(400, str(exc), "messages") from None
-        return await answer("chat", body, messages, prompt_ids, served)
+        pictures = chat.images_of(messages)
+        pictures = images.to_tensor([{"image": p} for p in pictures], vision.image_size) if pictures else None
+        return await answer("chat", body, logged, prompt_ids, served, pictures)
+
+    def read_messages(messages: list[Message]) -> tuple[list[dict], list[dict]]:
+        """(messages for the chat format, with images decoded; the same for the log, each image as
+        its hash and size). ImageError for an image that is not a readable data URL."""
+        decoded, logged = [], []
+        for m in messages:
+            if isinstance(m.content, str):
+                decoded.append({"role": m.role, "content": m.content})
+                logged.append({"role": m.role, "content": m.content})
+                continue
+            parts, kept = [], []
+            for part in m.content:
+                if part.type == "text":
+                    parts.append({"type": "text", "text": part.text})
+                    kept.append({"type": "text", "text": part.text})
+                else:
+                    pixels = images.decode(images.from_data_url(part.image_url.url), what="the image")
+                    parts.append({"type": "image", "image": pixels})
+                    kept.append({"type": "image", "hash": images.pixel_hash(pixels), "width": pixels.shape[1],
+                                 "height": pixels.shape[0]})
+            decoded.append({"role": m.role, "content": parts})
+            logged.append({"role": m.role, "content": kept})
+        return decoded, logged
 
     @app.post("/admin/reload")
     async def reload(body: Reload):

@@ -263,11 +263,15 @@ def load_state(path: str | Path) -> dict:
 
 
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, meta, tokenizer) of a checkpoint: what eval and serving need."""
+    """(model in eval mode, meta, tokenizer) of a checkpoint: what eval and serving need (the
+    tokenizer is None for an image classifier, which reads no text)."""
     from nanofm.tokenizer import Tokenizer
 
     model, meta = load_model(path, device)
     ckpt = resolve(path)
+    if model.cfg.vision is not None and model.cfg.n_classes and not (ckpt / "tokenizer.json").exists():
+        model.eval()  # an image classifier reads no text: it has no tokenizer
+        return model, meta, None
     if not (ckpt / "tokenizer.json").exists():
         raise CheckpointError(f"{ckpt} has no tokenizer.json, so its ids cannot be turned into text")
     model.eval()

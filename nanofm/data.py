@@ -425,6 +425,86 @@ class ClassifyLoader(RowLoader):
         return idx.to(self.device), mask.to(self.device), y.to(self.device)
 
 
+class ImageLoader(RowLoader):
+    """Image classification batches (images [B, C, S, S], labels [B]) from image tensors and label
+    ids; a seeded shuffle per epoch, resumable like ChatLoader. shift > 0 moves each training image
+    by up to `shift` pixels in each direction (zeros come in), drawn from a generator seeded by
+    the loader's position, so a resumed run sees the same batches: the one augmentation here,
+    since a digit written a pixel to the left is the same digit (it mostly helps the ViT stem,
+    which has no convolution's tolerance to small moves)."""
+
+    what = "images"
+
+    def __init__(self, images, labels, batch_size: int, rank: int = 0, world_size: int = 1, device: str = "cpu",
+                 seed: int = 0, shift: int = 0):
+        if len(images) < batch_size * world_size:
+            raise ShardError(f"{len(images)} images are fewer than one step's {batch_size * world_size} rows; "
+                             f"lower --batch_size")
+        self.images, self.labels, self.shift = images, labels, shift
+        self.rows = list(range(len(images)))
+        self._init_rows(batch_size, rank, world_size, device, seed)
+
+    def next_batch(self):
+        import torch
+
+        position = (self.epoch, self.position)
+        chosen = torch.tensor(self._next_rows())
+        x, y = self.images[chosen], self.labels[chosen]
+        if self.shift:
+            seed = ((self.seed * 1_000_003 + self.rank) * 1_000_003 + position[0]) * 1_000_003 + position[1]
+            x = random_shift(x, self.shift, torch.Generator().manual_seed(seed % 2**62))
+        return x.to(self.device), y.to(self.device)
+
+
+def random_shift(x, shift: int, generator):
+    """Each image [C, H, W] of x moved by (dy, dx) in [-shift, shift], zeros filling in."""
+    import torch
+
+    padded = torch.nn.functional.pad(x, (shift, shift, shift, shift))
+    offsets = torch.randint(0, 2 * shift + 1, (len(x), 2), generator=generator).tolist()
+    H, W = x.shape[-2:]
+    return torch.stack([padded[i, :, dy:dy + H, dx:dx + W] for i, (dy, dx) in enumerate(offsets)])
+
+
+class ImageChatLoader(ChatLoader):
+    """Chat SFT batches (x, y, images) from conversations with image parts: x and y as
+    ChatLoader's, images [N, C, S, S] the batch's images in reading order (row 0's first), each
+    image written as image_tokens <|image|> ids. A conversation with images longer than max_len is
+    an error, not cut: a cut could split an image's tokens from its pixels (text alone is cut)."""
+
+    def __init__(self, items: list[dict], tokenizer, batch_size: int, max_len: int, image_tokens: int, image_size: int,
+                 rank: int = 0, world_size: int = 1, device: str = "cpu", seed: int = 0):
+        from nanofm import chat
+        from nanofm.images import to_tensor
+
+        if len(items) < batch_size * world_size:
+            raise ShardError(f"{len(items)} conversations are fewer than one step's {batch_size * world_size} rows; "
+                             f"lower --batch_size")
+        self.rows, self.truncated = [], 0
+        for item in items:
+            ids, mask = chat.render(tokenizer, item["messages"], image_tokens=image_tokens)
+            pixels = chat.images_of(item["messages"])
+            if len(ids) > max_len + 1 and pixels:
+                raise ShardError(f"a conversation with images is {len(ids)} tokens, longer than --seq_len {max_len}")
+            if len(ids) > max_len + 1:  # text alone is cut, like ChatLoader's
+                ids, mask = ids[:max_len + 1], mask[:max_len + 1]
+                self.truncated += 1
+            images = to_tensor([{"image": p} for p in pixels], image_size) if pixels else None
+            self.rows.append((ids, mask, images))
+        self.pad_id, self.what = tokenizer.pad_id, "conversations"
+        self._init_rows(batch_size, rank, world_size, device, seed)
+
+    def next_batch(self):
+        import torch
+
+        chosen = self._next_rows()
+        x, _ = pad_batch([ids[:-1] for ids, _, _ in chosen], value=self.pad_id)
+        y, _ = pad_batch([[t if m else -100 for t, m in zip(ids[1:], mask[1:])] for ids, mask, _ in chosen], value=-100)
+        pictures = [images for _, _, images in chosen if images is not None]
+        images = torch.cat(pictures).to(self.device) if pictures else None
+        return x.to(self.device), y.to(self.device), images
+
+
 class PreferenceLoader(RowLoader):
     """Preference batches from pairs {prompt, chosen, rejected}: each step's B pairs as 2B rows, the
     B chosen first, then their B rejected in the same order, rendered with the chat format

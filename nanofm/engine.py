@@ -100,8 +100,9 @@ class _Row:
     the engine)."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, stop_ids: set[int], block_size: int, device,
-                 live_text: bool = False):
+                 live_text: bool = False, images=None):
         self.prompt, self.params, self.stop_ids, self.prompt_len = prompt, params, stop_ids, len(prompt)
+        self.images = images  # [N, C, S, S] for the prompt's <|image|> runs (a vision-language model), or None
         self.budget = min(params.max_tokens, block_size - len(prompt))  # the context bounds the new tokens too
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -172,8 +173,11 @@ class RunningBatch:
         ids, mask = pad_batch([row.prompt for row in rows], left=True)
         ids, mask, width = ids.to(self.device), mask.to(self.device), ids.size(1)
         alone = KVCache(self.model.cfg, len(rows), width, self.device, self.cache.dtype)
+        pictures = [row.images for row in rows if row.images is not None]  # in row order: the ids' reading order
+        images = torch.cat(pictures).to(self.device) if pictures else None
         with torch.no_grad(), autocast(self.device, self.dtype):
-            logits, _ = self.model(ids, attention_mask=mask, cache=alone, positions=(mask.cumsum(1) - 1).clamp(min=0))
+            logits, _ = self.model(ids, attention_mask=mask, cache=alone, positions=(mask.cumsum(1) - 1).clamp(min=0),
+                                   images=images)
         pointer = self.cache.pos
         for i, row in enumerate(rows):
             slot, n = self.rows.index(None), row.prompt_len
@@ -319,14 +323,18 @@ class Engine:
     # ---------------------------------------------------------- generation
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
-                 progress: bool = False) -> list[Completion]:
+                 progress: bool = False, images: list | None = None) -> list[Completion]:
         """Completions of every prompt, in order. Up to batch_size run at once; a finished one's
-        slot goes to the next waiting prompt at the next step (continuous batching)."""
+        slot goes to the next waiting prompt at the next step (continuous batching). images: one
+        entry per prompt, None or the images [N, C, S, S] of its <|image|> runs."""
         params = params or SamplingParams()
         per_request = params if isinstance(params, list) else [params] * len(prompts)
         if len(per_request) != len(prompts):
             raise ConfigError(f"{len(prompts)} prompts but {len(per_request)} sampling parameters")
-        rows = [self.new_row(p, sp) for p, sp in zip(prompts, per_request)]
+        images = images if images is not None else [None] * len(prompts)
+        if len(images) != len(prompts):
+            raise ConfigError(f"{len(prompts)} prompts but {len(images)} entries of images")
+        rows = [self.new_row(p, sp, images=im) for p, sp, im in zip(prompts, per_request, images)]
         waiting = list(reversed(rows))
         with self._eval_mode(), tqdm(total=len(rows), desc="generate", disable=not progress) as bar:
             batch = self.new_batch(min(self.batch_size, len(rows)))
@@ -336,22 +344,32 @@ class Engine:
                 bar.update(len(batch.step()))
         return [row.completion() for row in rows]
 
-    def new_row(self, prompt: str | list[int], params: SamplingParams, live_text: bool = False) -> _Row:
-        """A request, ready to join a RunningBatch (checks the prompt and the settings)."""
+    def new_row(self, prompt: str | list[int], params: SamplingParams, live_text: bool = False, images=None) -> _Row:
+        """A request, ready to join a RunningBatch (checks the prompt and the settings; images: the
+        prompt's images, whose count must match its <|image|> runs)."""
         stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None else self.end_ids)
-        return _Row(self.encode_prompt(prompt), params, stop_ids, self.model.cfg.block_size, self.device, live_text)
+        ids = self.encode_prompt(prompt)
+        cfg = self.model.cfg
+        if cfg.vision is not None or images is not None:  # an error now, not in the middle of someone else's batch
+            slots = sum(t == cfg.image_token_id for t in ids) if cfg.vision is not None else 0
+            have = 0 if images is None else len(images)
+            per_image = self.model.vision.cfg.n_tokens if cfg.vision is not None else 0
+            if cfg.vision is None or slots != have * per_image:
+                raise ConfigError(f"the prompt holds {slots} image tokens for {have} images"
+                                  + (f" ({per_image} tokens each)" if per_image else ": this model reads no images"))
+        return _Row(ids, params, stop_ids, cfg.block_size, self.device, live_text, images)
 
     def new_batch(self, slots: int | None = None) -> RunningBatch:
         """An empty running batch on this engine's model (the server keeps one and feeds it)."""
         return RunningBatch(self.model, self.tokenizer, slots or self.batch_size, self.device, self.dtype, self.end_ids,
                             self.decode)
 
-    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> "Stream":
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None, images=None) -> "Stream":
         """Text deltas of one completion as they become safe to show:
             stream = engine.stream("Once upon a time", params)
             for delta in stream: print(delta, end="")
             stream.completion    # the whole Completion, once the loop has ended"""
-        return Stream(self, self.new_row(prompt, params or SamplingParams(), live_text=True))
+        return Stream(self, self.new_row(prompt, params or SamplingParams(), live_text=True, images=images))
 
     # ---------------------------------------------------------- scoring
 

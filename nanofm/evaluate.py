@@ -65,7 +65,7 @@ class Settings:
 
 def kind_of(model) -> str:
     if model.cfg.n_classes:
-        return "classifier"
+        return "image_classifier" if model.cfg.vision is not None else "classifier"
     return "lm" if model.cfg.causal else "mlm"
 
 
@@ -204,6 +204,30 @@ def _explain(s: Subject, cfg: Settings, done: dict) -> dict:
     return explain(s, cfg)
 
 
+def _images(s: Subject, cfg: Settings, done: dict) -> dict:
+    """The held-out images of the checkpoint's own data (rebuilt from its config: nanofm.images.gather):
+    a classifier's accuracy, macro F1, confusion matrix and robustness; a vision-language
+    model's exact match on questions about them (at most 3 x max_items)."""
+    import random
+    from nanofm import images
+
+    try:
+        _, test, _ = images.gather(images.ImageData.of(s.meta.get("config", {})))
+    except images.ImageError as exc:
+        raise tasks.TaskError(str(exc)) from None
+    if s.kind == "image_classifier":
+        x = images.to_tensor(test, s.model.vision.cfg.image_size)
+        result = tasks.image_classification_task(s.model, x, [i["label"] for i in test], s.labels, seed=cfg.seed,
+                                                 keys=[i["hash"] for i in test])
+        if cfg.plot_dir is not None:
+            result["figure"] = f"confusion_{s.name}.png"
+            plot_confusion(result, cfg.plot_dir / result["figure"], s.name)
+        return result
+    questions = images.chats(test, data_seed(s, cfg) + 1)
+    random.Random(cfg.seed).shuffle(questions)
+    return tasks.image_chat_task(s.engine, questions[:3 * cfg.max_items], progress=cfg.progress)
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
@@ -211,6 +235,7 @@ class Task:
     run: Callable  # (subject, settings, results so far) -> result dict
     ask_only: bool = False  # needs a file or the network: only when asked for by name
     chat: bool = False  # asks chat prompts: a base model is skipped (said so), even when the task is named
+    vision: bool = False  # shows images: a model that reads none is skipped (said so), even when the task is named
 
 
 TASKS = {t.name: t for t in [
@@ -227,6 +252,7 @@ TASKS = {t.name: t for t in [
     Task("robustness", frozenset({"lm", "classifier"}), _robustness),
     Task("fairness", frozenset({"lm", "classifier"}), _fairness),
     Task("explain", frozenset({"lm", "classifier"}), _explain),
+    Task("images", frozenset({"lm", "image_classifier"}), _images, vision=True),
 ]}
 
 
@@ -250,6 +276,9 @@ def run_tasks(subject: Subject, names: list[str] | None = None, settings: Settin
                 continue
             if task.chat and not subject.chat_format:  # so eval.py can compare a base with its chat models
                 out["skipped"][name] = "the task asks chat prompts: it needs a chat-tuned checkpoint (train_sft.py)"
+                continue
+            if task.vision and (subject.model.cfg.vision is None or (subject.kind == "lm" and not subject.chat_format)):
+                out["skipped"][name] = "the task shows images: it needs a checkpoint that reads them (train_vision.py)"
                 continue
             if log:
                 log(f"[{subject.name}] {name} ...")
@@ -323,6 +352,12 @@ def headline(task: str, result: dict) -> dict[str, float]:
     if task == "induction":
         return {k: result[k] for k in ("first_copy_loss", "second_copy_loss", "copying_score", "second_copy_accuracy",
                                        "text_copying_score", "text_second_copy_accuracy") if k in result}
+    if task == "images":
+        if "accuracy" in result:
+            return {"accuracy": result["accuracy"], "f1_macro": result["f1_macro"],
+                    **{f"accuracy[{k}]": v["accuracy"] for k, v in result["robustness"].items()}}
+        return {"mean_exact_match": result["mean_exact_match"],
+                **{f"exact_match[{f}]": v for f, v in result["exact_match"].items()}}
     if task == "robustness":
         return {**{f"drop[{k}]": v["drop"] for k, v in result.items()},
                 **{f"changed[{k}]": v["changed"] for k, v in result.items() if "changed" in v}}
@@ -336,12 +371,13 @@ def headline(task: str, result: dict) -> dict[str, float]:
     return {}
 
 
-def paired(report: dict) -> dict[str, dict]:
-    """Each later checkpoint against the first on the instruction questions both answered: the
-    difference in mean exact match over families and its standard error (metrics.paired_difference),
-    the way a gain should be reported. Empty when fewer than two checkpoints ran the task."""
-    runs = [(name, entry["results"]["instructions"]["scored"]) for name, entry in report["checkpoints"].items()
-            if "scored" in entry["results"].get("instructions", {})]
+def paired(report: dict, task: str = "instructions") -> dict[str, dict]:
+    """Each later checkpoint against the first on the items of `task` both answered (instruction
+    questions, or held-out images): the difference in the mean score over families and its
+    standard error (metrics.paired_difference), the way a gain should be reported. Empty when
+    fewer than two checkpoints ran the task."""
+    runs = [(name, entry["results"][task]["scored"]) for name, entry in report["checkpoints"].items()
+            if "scored" in entry["results"].get(task, {})]
     if len(runs) < 2:
         return {}
     first_name, first = runs[0]
@@ -380,11 +416,12 @@ def table(report: dict) -> list[list[str]]:
             result = entry["results"].get(task)
             row.append(fmt(headline(task, result).get(metric)) if result else entry["skipped"].get(task, "-"))
         rows.append(row)
-    gains = report.get("paired", {})
-    if gains:
-        against = next(iter(gains.values()))["against"]
-        rows.append(["instructions", f"mean_exact_match - {against} (paired, se)"] +
-                    [f"{gains[n]['difference']:+.3f} ({gains[n]['se']:.3f})" if n in gains else "-" for n in names])
+    for task, key, metric in (("instructions", "paired", "mean_exact_match"), ("images", "paired_images", "mean_score")):
+        gains = report.get(key, {})
+        if gains:
+            against = next(iter(gains.values()))["against"]
+            rows.append([task, f"{metric} - {against} (paired, se)"] +
+                        [f"{gains[n]['difference']:+.3f} ({gains[n]['se']:.3f})" if n in gains else "-" for n in names])
     return rows
 
 

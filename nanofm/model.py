@@ -92,6 +92,8 @@ class ModelConfig:
     value_head: bool = False  # a scalar value per position beside the LM head (PPO's critic shares the body)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    vision: dict | None = None  # a VisionConfig (nanofm/vision.py) as a dict: the model also reads images
+    image_token_id: int = -1  # the token whose positions take the image encoder's outputs (with vision)
 
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
@@ -108,6 +110,11 @@ class ModelConfig:
                                      ("pool", self.pool, ("auto", "first", "last", "mean"))):
             if value not in allowed:
                 problems.append(f"{name} must be one of {allowed}, got {value!r}")
+        if self.vision is not None:
+            from nanofm.vision import VisionConfig
+            VisionConfig(**self.vision)  # validates
+            if not 0 <= self.image_token_id < self.vocab_size:
+                problems.append(f"image_token_id ({self.image_token_id}) must be a vocabulary id below {self.vocab_size}")
         if problems:
             raise ConfigError("bad model config: " + "; ".join(problems))
         if self.mlp_hidden is None:
@@ -280,6 +287,9 @@ class Transformer(nn.Module):
             self.cls_head = nn.Linear(cfg.n_embd, cfg.n_classes)
         if cfg.value_head:  # PPO: the value of each prefix, read off the same hidden states as the next-token logits
             self.value_head = nn.Linear(cfg.n_embd, 1)
+        if cfg.vision is not None:  # images become tokens in place of <|image|> (nanofm/vision.py)
+            from nanofm.vision import ImageEncoder, VisionConfig
+            self.vision = ImageEncoder(VisionConfig(**cfg.vision), cfg.n_embd)
         if not cfg.causal:  # BERT's MLM transform before the (tied) decoder
             self.mlm_transform = nn.Sequential(nn.Linear(cfg.n_embd, cfg.n_embd), nn.GELU(), make_norm(cfg))
         if cfg.pos == "rope":
@@ -344,11 +354,12 @@ class Transformer(nn.Module):
         bigger.load_state_dict(state)
         return bigger
 
-    def hidden_states(self, idx, attention_mask=None, cache: KVCache | None = None, positions=None):
+    def hidden_states(self, idx, attention_mask=None, cache: KVCache | None = None, positions=None, images=None):
         """Final-norm hidden states [B, T, C]. attention_mask [B, T] marks real tokens (1) vs
         padding (0); with a cache it is remembered, so later steps keep ignoring the padding.
         positions [B, T] gives each row its own positions (left-padded prompts); by default they
-        count on from the cached ones."""
+        count on from the cached ones. images [N, C, S, S]: the images of the <|image|> runs in
+        idx, in reading order (row 0's first), for a model built with vision."""
         cfg, T = self.cfg, idx.size(1)
         start = cache.pos if cache is not None else 0
         if positions is None:
@@ -357,7 +368,9 @@ class Transformer(nn.Module):
             positions = torch.arange(start, start + T, device=idx.device)
         elif int(positions.max()) >= cfg.block_size:
             raise ConfigError(f"position {int(positions.max())} is beyond the context of {cfg.block_size}")
-        x, rope = self._embed(idx, positions)
+        if images is None and self.cfg.vision is not None and bool((idx == self.cfg.image_token_id).any()):
+            self._place_images(None, idx, None)  # image tokens without images: the count error
+        x, rope = self._embed(idx, positions, images)
         x = self.transformer.drop(x)
         attn_mask = None
         if cache is not None and attention_mask is not None:
@@ -381,9 +394,12 @@ class Transformer(nn.Module):
             cache.pos += T
         return self.transformer.ln_f(x)
 
-    def _embed(self, idx, positions):
-        """Token embeddings (+ learned positions, or the RoPE tables for these positions)."""
+    def _embed(self, idx, positions, images=None):
+        """Token embeddings (+ learned positions, or the RoPE tables for these positions), with the
+        image encoder's tokens in place of the <|image|> tokens."""
         x, rope = self.transformer.wte(idx), None
+        if images is not None:
+            x = self._place_images(x, idx, images)
         if self.cfg.pos == "learned":
             x = x + self.transformer.wpe(positions)
         else:
@@ -391,6 +407,20 @@ class Transformer(nn.Module):
         if "ln_emb" in self.transformer:
             x = self.transformer.ln_emb(x)
         return x, rope
+
+    def _place_images(self, x, idx, images):
+        if self.cfg.vision is None:
+            raise ConfigError("this model reads no images (it was built without vision: with_vision())")
+        slots, n_tokens = idx == self.cfg.image_token_id, self.vision.cfg.n_tokens
+        have = 0 if images is None else images.size(0)
+        if int(slots.sum()) != have * n_tokens:
+            raise ConfigError(f"the ids hold {int(slots.sum())} image tokens, but {have} images make "
+                              f"{have * n_tokens} ({n_tokens} each): render each image with the chat format "
+                              f"(chat.render(..., image_tokens={n_tokens})) and pass one image per image part")
+        if not have:
+            return x
+        features = self.vision(images).to(x.dtype).reshape(-1, x.size(-1))
+        return x.masked_scatter(slots[..., None], features)  # fills the slots in reading order
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [B, 1, vocab] of one new token per row (tokens, positions [B, 1]; B = cache.rows
@@ -407,15 +437,16 @@ class Transformer(nn.Module):
         return self.lm_head(self.transformer.ln_f(x))
 
     def forward(self, idx, targets=None, attention_mask=None, cache: KVCache | None = None, positions=None,
-                head: str = "lm"):
+                head: str = "lm", images=None):
         """Logits [B, T, V] and, given targets (-100 = ignore), the mean cross-entropy loss. With
         targets on CUDA the fused kernel computes the loss and logits is None. head="classify"
         returns (class logits [B, n_classes], None) instead: through forward, so DDP, FSDP and
         torch.compile see a classifier's training step as the forward it is. head="values" returns
-        (logits, values [B, T]) from one pass through the body (a model built with value_head)."""
+        (logits, values [B, T]) from one pass through the body (a model built with value_head).
+        images: the images of the <|image|> tokens in idx (see hidden_states)."""
         if head == "classify":
-            return self.classify(idx, attention_mask), None
-        h = self.hidden_states(idx, attention_mask, cache, positions)
+            return self.classify(idx, attention_mask, images), None
+        h = self.hidden_states(idx, attention_mask, cache, positions, images)
         if head == "values":
             if not self.cfg.value_head:
                 raise ConfigError("this model has no value head (build it with value_head=True: with_value_head())")
@@ -433,7 +464,7 @@ class Transformer(nn.Module):
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
-    def classify(self, idx, attention_mask=None):
+    def classify(self, idx, attention_mask=None, images=None):
         """Class logits [B, n_classes] from the classification head, reading (cfg.pool) the last real
         token (a causal model's default: the only one that has seen the whole text), the first (a
         bidirectional model's, BERT's [CLS] place) or the mean of the real tokens. Padding may be on
@@ -442,7 +473,7 @@ class Transformer(nn.Module):
             raise ConfigError("this model has no classification head (n_classes is 0)")
         mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(idx, dtype=torch.bool)
         positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # each row counts from its first real token
-        h = self.hidden_states(idx, attention_mask, positions=positions)
+        h = self.hidden_states(idx, attention_mask, positions=positions, images=images)
         pool = self.cfg.pool if self.cfg.pool != "auto" else ("last" if self.cfg.causal else "first")
         rows = torch.arange(idx.size(0), device=idx.device)
         if pool == "mean":
@@ -459,6 +490,18 @@ class Transformer(nn.Module):
         model = Transformer(replace(self.cfg, n_classes=n_classes, pool=pool))
         state = model.state_dict()
         state.update({k: v for k, v in self.state_dict().items() if not k.startswith("cls_head")})
+        model.load_state_dict(state)
+        return model
+
+    def with_vision(self, vision, image_token_id: int, vocab_size: int | None = None) -> "Transformer":
+        """A copy that also reads images (a new image encoder from a VisionConfig, initialised like
+        the other layers), every other weight kept; vocab_size grows the vocabulary (room for a new
+        <|image|> token). Load a pretrained stem into .vision afterwards."""
+        bigger = self.resized_vocab(vocab_size) if vocab_size and vocab_size > self.cfg.vocab_size else self
+        vision = vision.to_dict() if hasattr(vision, "to_dict") else dict(vision)
+        model = Transformer(replace(bigger.cfg, vision=vision, image_token_id=image_token_id))
+        state = model.state_dict()
+        state.update({k: v for k, v in bigger.state_dict().items() if not k.startswith("vision.")})
         model.load_state_dict(state)
         return model
 

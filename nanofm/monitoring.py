@@ -66,8 +66,15 @@ def prompt_text(row: dict) -> str:
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-        return "\n".join(str(m.get("content", "")) for m in prompt if m.get("role") == "user")
+        return "\n".join(_text(m.get("content", "")) for m in prompt if m.get("role") == "user")
     return str(prompt)
+
+
+def _text(content) -> str:
+    """A message's text: a string, or the text parts of a list of parts (images are logged as hashes)."""
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return str(content)
 
 
 def reply_text(row: dict) -> str:

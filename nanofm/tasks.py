@@ -486,6 +486,63 @@ def classification_task(model, tokenizer: Tokenizer, items: Sequence[dict], labe
 
 # ------------------------------------------------------------------ robustness
 
+# ------------------------------------------------------------------ images
+
+def image_classification_task(model, images: torch.Tensor, labels: Sequence[str], label_names: Sequence[str],
+                              noises: Sequence[float] = (0.1, 0.2, 0.3), shifts: Sequence[int] = (1, 2),
+                              seed: int = 0, keys: Sequence[str] | None = None) -> dict:
+    """An image classifier (nanofm/vision.py) on held-out images [N, C, S, S]: accuracy, macro F1,
+    the confusion matrix, and robustness = accuracy under Gaussian noise of each std and under
+    moves of each number of pixels (right and down), with the drop from the clean accuracy.
+    `scored` holds each image's 0/1 under its key (an image hash; default its index), so eval.py can
+    pair two checkpoints on the same images."""
+    from nanofm import vision
+    from nanofm.images import perturb as perturb_images
+
+    def predictions(x):
+        return [label_names[i] for i in vision.predict(model, x).argmax(-1).tolist()]
+
+    predicted = predictions(images)
+    report = metrics.classification_report(list(labels), predicted)
+    result = {"accuracy": report["accuracy"], "f1_macro": report["f1_macro"], "labels": report["labels"],
+              "confusion_matrix": report["confusion_matrix"], "n": len(labels),
+              "scored": [["image", str(keys[i] if keys is not None else i), int(p == t)]
+                         for i, (p, t) in enumerate(zip(predicted, labels))],
+              "robustness": {}}
+    generator = torch.Generator().manual_seed(seed)
+    for kind, values in (("noise", noises), ("shift", shifts)):
+        for value in values:
+            moved = perturb_images(images, noise=value, generator=generator) if kind == "noise" else perturb_images(images, shift=value)
+            accuracy = metrics.accuracy(list(labels), predictions(moved))
+            result["robustness"][f"{kind}_{value}"] = {"accuracy": accuracy, "drop": report["accuracy"] - accuracy}
+    return result
+
+
+def image_chat_task(engine: Engine, items: Sequence[dict], max_tokens: int = 8, progress: bool = False) -> dict:
+    """A vision-language model's greedy replies to held-out image questions (nanofm.images.chats):
+    exact match per family ("what digit", "how many shapes", ...) and their mean; `scored` per
+    item for paired differences."""
+    from nanofm.images import to_tensor
+
+    if not items:
+        raise TaskError("no held-out image questions")
+    vision = engine.model.vision.cfg
+    prompts = [chat.render_prompt(engine.tokenizer, item["messages"][:-1], image_tokens=vision.n_tokens) for item in items]
+    images = [to_tensor([{"image": p} for p in chat.images_of(item["messages"])], vision.image_size) for item in items]
+    outs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0), progress=progress, images=images)
+    by_family: dict[str, list[int]] = defaultdict(list)
+    scored, examples = [], defaultdict(list)
+    for item, out in zip(items, outs):
+        hit = int(metrics.normalize_answer(out.text) == metrics.normalize_answer(item["answer"]))
+        by_family[item["family"]].append(hit)
+        scored.append([item["family"], item["image_hash"], hit])
+        if len(examples[item["family"]]) < 3:
+            examples[item["family"]].append({"prediction": out.text, "answer": item["answer"]})
+    exact = {family: sum(hits) / len(hits) for family, hits in sorted(by_family.items())}
+    return {"exact_match": exact, "n": {f: len(h) for f, h in sorted(by_family.items())},
+            "mean_exact_match": sum(exact.values()) / len(exact), "examples": dict(examples), "scored": scored}
+
+
 def perturb(text: str, kind: str, rng: random.Random, rate: float = 0.1) -> str:
     """typos: swap two inner letters of ~rate of the words; casing: UPPER CASE; whitespace:
     doubled spaces and a stray line break."""

@@ -228,6 +228,20 @@ class Tokenizer:
         """Same ids for every text: the same byte table, special tokens and split regex."""
         return (self._id_to_bytes, self.special_tokens, self.pattern) == (other._id_to_bytes, other.special_tokens, other.pattern)
 
+    def with_special_tokens(self, names: list[str]) -> "Tokenizer":
+        """A copy with more special tokens at the next free ids (those it already has are kept):
+        every id of the original means the same, so a model trained with it keeps working once its
+        vocabulary has rows for the new ids (Transformer.resized_vocab)."""
+        if self.merges is None:
+            raise TokenizerError(f"the built-in {self.name} encoding cannot take new special tokens; "
+                                 f"use a nanofm BPE tokenizer (data/prepare.py)")
+        new = [n for n in names if n not in self.special_tokens]
+        if not new:
+            return self
+        specials = {**self.special_tokens, **{n: self.vocab_size + i for i, n in enumerate(new)}}
+        ranks = {b: i for i, b in self._id_to_bytes.items()}
+        return Tokenizer(self.name, ranks, specials, self.pattern, self.merges)
+
     def bytes_per_token(self, texts: list[str]) -> float:
         n_bytes = sum(len(t.encode("utf-8")) for t in texts)
         n_tokens = sum(map(len, self.encode_batch(texts)))

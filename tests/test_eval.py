@@ -211,7 +211,8 @@ def test_eval_compares_checkpoints_and_writes_a_whole_report(trained, data_dir, 
     for domain in ("prose", "chat", "code"):  # training lowered bits per byte in every domain
         assert b["results"]["perplexity"][domain]["bits_per_byte"] < a["results"]["perplexity"][domain]["bits_per_byte"] - 0.3
     assert b["results"]["lambada"]["perplexity"] < a["results"]["lambada"]["perplexity"] / 10  # last words: learned
-    assert set(a["skipped"]) == {"mlm", "classification", "safety"} and "needs a mlm checkpoint" in a["skipped"]["mlm"]
+    assert set(a["skipped"]) == {"mlm", "classification", "safety", "images"} and "needs a mlm checkpoint" in a["skipped"]["mlm"]
+    assert "it needs a checkpoint that reads them" in a["skipped"]["images"]  # a text model is shown no images
     assert "needs a chat-tuned checkpoint" in a["skipped"]["safety"]  # a base model is not asked chat prompts
     named = evaluate.main(["--ckpt", str(start), "--tasks", "safety", "--out_dir", str(tmp_path / "named"),
                            "--progress=false"])  # named too: skipped and said, so a base can sit beside chat models

@@ -48,13 +48,18 @@ def test_the_smoke_lifecycle_runs_every_stage_and_each_moves_its_number(smoke_ru
     assert m["sft"]["val_loss"][1] < m["sft"]["val_loss"][0]
     assert m["dpo"]["val_loss"][1] < m["dpo"]["val_loss"][0]  # from ln 2 down on held-out pairs
     assert m["grpo"]["kl"] > 0  # the policy moved from the SFT model
-    assert set(m["eval"]["scores"]) == {"sft", "dpo", "grpo", "pretrain"}
-    assert set(m["eval"]["paired"]) == {"dpo", "grpo", "pretrain"}  # each against sft, on the same questions
+    assert set(m["eval"]["scores"]) == {"sft", "dpo", "grpo", "pretrain", "vlm"}
+    assert set(m["eval"]["paired"]) == {"dpo", "grpo", "pretrain", "vlm"}  # each against sft, on the same questions
+    assert m["vision"]["after"] > 0.5 and m["vision"]["vit"] > 0.2 and m["vision"]["se"] > 0  # chance is 0.1
+    assert m["vision"]["sklearn_svm"] > 0.95
+    assert m["vlm"]["after"] > m["vlm"]["before"]  # "what digit is this?" from 0: the chat model reads images
+    assert set(m["eval"]["images"]) == {"vlm"}  # the text models are skipped, said so
     # the simulated requests answered and logged (a few task questions are longer than the toy model's context: 400)
     assert 50 <= m["serve"]["after"] <= 60 and m["serve"]["rated"] > 0
     assert m["retrain"]["action"] in ("promoted", "rejected")  # a candidate was trained and gated
     assert len(m["chat"]["turns"]) == 4 and all(t["assistant"].strip() for t in m["chat"]["turns"])
-    for name in ("data", "pretrain", "continue", "sft", "dpo", "grpo", "eval", "serving", "monitor", "retrain"):
+    for name in ("data", "pretrain", "continue", "sft", "dpo", "grpo", "vision_cnn", "vision_vit", "eval_images", "vlm", "eval",
+                 "serving", "monitor", "retrain"):
         assert (out / name).is_dir(), name
     report = (out / "report.md").read_text()
     assert "| 3-4 pretraining |" in report and "## A short chat with the served model" in report
@@ -90,7 +95,8 @@ def test_the_speedrun_runs_end_to_end_at_toy_size_under_torchrun(tmp_path):
     assert "torchrun --standalone --nproc_per_node=2 train_pretrain.py" in out
     assert "torchrun --standalone --nproc_per_node=2 train_sft.py" in out
     state = json.loads((tmp_path / "run" / "lifecycle.json").read_text())
-    assert len(state["stages"]) == 11 and state["stages"]["serve"]["measured"]["after"] >= 50
+    assert len(state["stages"]) == 13 and state["stages"]["serve"]["measured"]["after"] >= 50
+    assert "torchrun --standalone --nproc_per_node=2 train_vision.py --task=chat" in out
     assert "torchrun --standalone --nproc_per_node=2 train_rlhf.py --algo=dpo" in out
     # the task families' corpus, encoded with the pretraining tokenizer (the web data has no plays or code)
     assert (tmp_path / "run" / "data_tasks" / "curated.jsonl").exists()
@@ -120,7 +126,7 @@ def test_bad_settings_are_clear_errors(flags, message):
 
 
 def test_every_stage_has_a_notebook():
-    assert [p.stem[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, 11)]
+    assert [p.stem[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, 12)]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -169,9 +169,17 @@ def test_export_makes_files_that_sft_and_rlhf_read(tmp_path):
                             "settings": {}, "finish_reason": "stop"})
         if rating is not None:
             log.record_feedback(rid, rating, scale=scale)
+    # a chat with an image, logged as serve.py logs it (a hash, no pixels): it cannot become training data
+    seen = [{"role": "user", "content": [{"type": "image", "hash": "0123abcd", "width": 8, "height": 8},
+                                         {"type": "text", "text": "What digit is this?"}]}]
+    log.record_request({"id": "f", "model": "m", "endpoint": "chat", "prompt": seen, "output": ["7"], "settings": {},
+                        "finish_reason": "stop"})
+    log.record_feedback("f", 1, scale="thumbs")
     log.close()
     counts = monitor.main(["export", "--db", str(db), "--out_dir", str(tmp_path / "feedback")])
-    assert counts == {"requests": 5, "sft": 2, "pairs": 2, "corpus_documents": 2}
+    assert counts == {"requests": 5, "sft": 2, "pairs": 2, "corpus_documents": 2, "skipped_with_images": 1}
+    from nanofm.monitoring import prompt_text
+    assert prompt_text({"prompt": seen}) == "What digit is this?"  # what drift statistics read of an image chat
     sft = instructions.read_conversations(tmp_path / "feedback" / "sft.jsonl")  # what train_sft.py --data reads
     assert [c["messages"][-1]["content"] for c in sft] == ["5", "5."]
     pairs = preferences.load(str(tmp_path / "feedback" / "pairs.jsonl"))  # what train_rlhf.py --data reads

@@ -343,30 +343,36 @@ def test_a_100_mb_body_gets_a_413_without_being_read_and_a_chunked_body_a_411(se
     conn.close()
 
 
-def test_the_chat_page_in_a_real_browser_streams_keeps_the_conversation_and_rates(tok, tmp_path):  # noqa: F811
+def headless_chromium(tmp_path):
+    """A headless Chromium driven by selenium; skips where it is missing, except in CI (.ci/run
+    sets NANOFM_REQUIRE_BROWSER=1: there the browser must be present)."""
     import shutil
     import os
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if os.environ.get("NANOFM_REQUIRE_BROWSER") != "1":  # CI (.ci/run) sets it: there the browser must be present
+    if os.environ.get("NANOFM_REQUIRE_BROWSER") != "1":
         pytest.importorskip("selenium.webdriver", reason="the page test drives Chromium with selenium")
         if not chromium or not driver_path:
             pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; "
                         ".ci/run does)")
     from selenium import webdriver
-    import serve
-    from nanofm.interactions import InteractionLog
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-    log = InteractionLog(tmp_path / "log.db")
-    url, server = start(serve.make_app(Engine(make_model(tok), tok), "tiny", chat.CHAT_FORMAT, slots=2, log=log))
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  f"--user-data-dir={tmp_path / 'profile'}"):
         options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(driver_path), options=options)
+    return webdriver.Chrome(service=Service(driver_path), options=options)
+
+
+def test_the_chat_page_in_a_real_browser_streams_keeps_the_conversation_and_rates(tok, tmp_path):  # noqa: F811
+    import serve
+    from nanofm.interactions import InteractionLog
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    browser = headless_chromium(tmp_path)
+    log = InteractionLog(tmp_path / "log.db")
+    url, server = start(serve.make_app(Engine(make_model(tok), tok), "tiny", chat.CHAT_FORMAT, slots=2, log=log))
     try:
         browser.get(url + "/")
         wait = WebDriverWait(browser, 30)
