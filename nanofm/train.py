@@ -244,7 +244,11 @@ def wrap_model(model: torch.nn.Module, cfg: TrainConfig, ctx: Context) -> Models
     model = torch.compile(raw_model) if use_compile else raw_model
     if ctx.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None)
+        # a model that reads images may get a batch of text alone (chat SFT mixes the two, and groups
+        # rows by length): its image encoder then has no gradient, which DDP must be told to expect
+        reads_images = getattr(getattr(raw_model, "cfg", None), "vision", None) is not None
+        model = DDP(model, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None,
+                    find_unused_parameters=reads_images)
     return Models(model, raw_model)
 
 

@@ -72,7 +72,7 @@ for task, result in extra["results"].items():
 # ## Checks
 
 # %%
-assert set(report["checkpoints"]) == {"sft", "dpo", "grpo", "pretrain"}
+assert set(report["checkpoints"]) == {"sft", "dpo", "grpo", "pretrain", "vlm"}  # vlm: the image chat model (notebook 11)
 assert metrics.exact_match(["Paris"], ["paris"]) == 1.0
 assert abs(metrics.paired_difference(before, after, families)["difference"] - 1 / 3) < 1e-9
 assert set(extra["results"]) == {"robustness", "fairness"}

