@@ -140,6 +140,11 @@ def test_captions_file_and_folder_errors(tmp_path):
     (tmp_path / "captions.jsonl").write_text('{"file": "a.png", "caption": "a smooth blur", "label": "blur"}\n')
     [item] = images.load_folder(tmp_path)
     assert (item["caption"], item["label"]) == ("a smooth blur", "blur")
+    kept, _ = images.curate([item])
+    asked = images.chats(kept)  # a user's labels and captions become image chats too
+    assert [(c["family"], c["answer"]) for c in asked] == [("image_label", "blur"), ("image_caption", "a smooth blur")]
+    report = images.main(["--folder", str(tmp_path)])  # python -m nanofm.images --folder DIR
+    assert report["images_kept"] == 1 and report["classes_kept"] == {"blur": 1}
     (tmp_path / "captions.jsonl").write_text('{"caption": "no file"}\n')
     with pytest.raises(ImageError, match="captions.jsonl line 1"):
         images.load_folder(tmp_path)
