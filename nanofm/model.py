@@ -368,9 +368,8 @@ class Transformer(nn.Module):
             positions = torch.arange(start, start + T, device=idx.device)
         elif int(positions.max()) >= cfg.block_size:
             raise ConfigError(f"position {int(positions.max())} is beyond the context of {cfg.block_size}")
-        if images is None and self.cfg.vision is not None and bool((idx == self.cfg.image_token_id).any()):
-            self._place_images(None, idx, None)  # image tokens without images: the count error
-        x, rope = self._embed(idx, positions, images)
+        slots = self._image_slots(idx, images) if images is not None or self.cfg.vision is not None else None
+        x, rope = self._embed(idx, positions, images, slots)
         x = self.transformer.drop(x)
         attn_mask = None
         if cache is not None and attention_mask is not None:
@@ -394,12 +393,13 @@ class Transformer(nn.Module):
             cache.pos += T
         return self.transformer.ln_f(x)
 
-    def _embed(self, idx, positions, images=None):
+    def _embed(self, idx, positions, images=None, slots=None):
         """Token embeddings (+ learned positions, or the RoPE tables for these positions), with the
-        image encoder's tokens in place of the <|image|> tokens."""
+        image encoder's tokens in place of the <|image|> tokens (slots: where they are)."""
         x, rope = self.transformer.wte(idx), None
         if images is not None:
-            x = self._place_images(x, idx, images)
+            features = self.vision(images).to(x.dtype).reshape(-1, x.size(-1))
+            x = x.masked_scatter(slots[..., None], features)  # fills the slots in reading order
         if self.cfg.pos == "learned":
             x = x + self.transformer.wpe(positions)
         else:
@@ -408,19 +408,19 @@ class Transformer(nn.Module):
             x = self.transformer.ln_emb(x)
         return x, rope
 
-    def _place_images(self, x, idx, images):
+    def _image_slots(self, idx, images):
+        """Where the images go (idx == <|image|>), checked to hold image_tokens per image. Reading
+        the count back is one device sync per forward of a model that reads images: the price of
+        a clear error instead of masked_scatter silently misplacing an image."""
         if self.cfg.vision is None:
             raise ConfigError("this model reads no images (it was built without vision: with_vision())")
         slots, n_tokens = idx == self.cfg.image_token_id, self.vision.cfg.n_tokens
-        have = 0 if images is None else images.size(0)
-        if int(slots.sum()) != have * n_tokens:
-            raise ConfigError(f"the ids hold {int(slots.sum())} image tokens, but {have} images make "
+        have, count = (0 if images is None else images.size(0)), int(slots.sum())
+        if count != have * n_tokens:
+            raise ConfigError(f"the ids hold {count} image tokens, but {have} images make "
                               f"{have * n_tokens} ({n_tokens} each): render each image with the chat format "
                               f"(chat.render(..., image_tokens={n_tokens})) and pass one image per image part")
-        if not have:
-            return x
-        features = self.vision(images).to(x.dtype).reshape(-1, x.size(-1))
-        return x.masked_scatter(slots[..., None], features)  # fills the slots in reading order
+        return slots
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [B, 1, vocab] of one new token per row (tokens, positions [B, 1]; B = cache.rows
