@@ -37,7 +37,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -107,7 +107,7 @@ class VisionTrainConfig(TrainConfig):
     def __post_init__(self):
         if self.task not in TASK_DEFAULTS:
             raise ConfigError(f"--task must be classify or chat, got {self.task!r}")
-        fill_unset(self, {k: v for k, v in TASK_DEFAULTS[self.task].items()})
+        fill_unset(self, TASK_DEFAULTS[self.task])
         if self.warmup_iters is None:
             self.warmup_iters = TrainConfig.warmup_iters
         self.out_dir = self.out_dir or (f"out/vision_{self.stem}" if self.task == "classify" else "out/vlm")
@@ -191,13 +191,13 @@ class ImageChatSFT:
         _, loss = model(x, y, images=pictures)
         return loss, (y != -100).sum(), {}
 
-    def evaluate(self, model, questions: list[dict] | None = None) -> dict:
+    def evaluate(self, model) -> dict:
         raw = getattr(model, "module", model)
         raw = getattr(raw, "_orig_mod", raw)
         if not self.ctx.master:
             return {}
         engine = Engine(raw, self.tokenizer, device=self.ctx.device, dtype=self.ctx.dtype, batch_size=64)
-        result = tasks.image_chat_task(engine, questions or self.questions[:self.cfg.eval_questions])
+        result = tasks.image_chat_task(engine, self.questions[:self.cfg.eval_questions])
         raw.train()
         return {"val_exact_match": result["mean_exact_match"],
                 **{f"val_{family}": score for family, score in result["exact_match"].items()}}

@@ -14,7 +14,6 @@ import torch
 from nanofm import chat, images, vision
 from nanofm.common import ConfigError
 from nanofm.engine import Engine, SamplingParams
-from nanofm.model import Transformer
 from nanofm.vision import VisionConfig
 from test_engine import make_model, tok  # noqa: F401  (the engine tests' tokenizer fixture)
 
